@@ -1,0 +1,192 @@
+"""The scan-event contract: field names, vocabularies, and turning a record into a `Scan`.
+
+A record is one scan event as a mapping of the raw export's field names to values (a decoded JSON
+message or a file row). `to_scan` validates the required fields and returns a compact `Scan`, or
+raises `InvalidScan` with a reason that names the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from functools import lru_cache
+from typing import Any
+from zoneinfo import ZoneInfo
+
+RAW_COLUMNS: tuple[str, ...] = (
+    "scan_location",
+    "location_id",
+    "hub_type",
+    "business_step",
+    "event_type",
+    "operator_id",
+    "device_id",
+    "epc_code",
+    "epc_header",
+    "epc_company",
+    "epc_product",
+    "epc_lot",
+    "epc_manufacture",
+    "epc_serial",
+    "product_name",
+    "event_time",
+    "manufacture_date",
+    "expiry_date",
+)
+REQUIRED_FIELDS: tuple[str, ...] = ("epc_code", "event_time", "business_step", "event_type")
+EVENT_ID_FIELDS: tuple[str, ...] = ("eventId", "event_id")
+
+BUSINESS_STEPS: tuple[str, ...] = (
+    "Factory",
+    "WMS",
+    "Logistics_HUB",
+    "W_Stock_Inbound",
+    "W_Stock_Outbound",
+    "R_Stock_Inbound",
+    "R_Stock_Outbound",
+    "POS_Sell",
+)
+EVENT_TYPES: tuple[str, ...] = (
+    "Aggregation",
+    "WMS_Inbound",
+    "WMS_Outbound",
+    "HUB_Inbound",
+    "HUB_Outbound",
+    "W_Stock_Inbound",
+    "W_Stock_Outbound",
+    "R_Stock_Inbound",
+    "R_Stock_Outbound",
+    "POS_Sell",
+)
+ANOMALY_TYPES: tuple[str, ...] = ("epcFake", "epcDup", "locErr", "evtOrderErr", "jump")
+ANOMALY_WORDS: dict[str, str] = {
+    "epcFake": "counterfeit EPC",
+    "epcDup": "cloned EPC",
+    "locErr": "impossible location",
+    "evtOrderErr": "broken process order",
+    "jump": "impossible travel time",
+}
+
+STEP_INDEX = {name: i for i, name in enumerate(BUSINESS_STEPS)}
+EVENT_INDEX = {name: i for i, name in enumerate(EVENT_TYPES)}
+
+# The network's tiers, in journey order: factory, factory warehouse, hub, wholesaler, retailer.
+STEP_TIER: tuple[int, ...] = (0, 1, 2, 3, 3, 4, 4, 4)
+TIER_NAMES: tuple[str, ...] = ("factory", "warehouse", "hub", "wholesaler", "retailer")
+INBOUND_EVENTS = frozenset(
+    EVENT_INDEX[e] for e in ("WMS_Inbound", "HUB_Inbound", "W_Stock_Inbound", "R_Stock_Inbound")
+)
+# Aggregation hands an item from the factory floor onward, so it counts as leaving a site.
+OUTBOUND_EVENTS = frozenset(
+    EVENT_INDEX[e]
+    for e in ("Aggregation", "WMS_Outbound", "HUB_Outbound", "W_Stock_Outbound", "R_Stock_Outbound")
+)
+
+# Event times outside this range cannot come from a scanner; they are bad input, not anomalies.
+EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC).timestamp()
+LATEST_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC).timestamp()
+
+
+class InvalidScan(ValueError):
+    """A record that is not a usable scan event; the message says which field and why."""
+
+
+@dataclass(slots=True)
+class Scan:
+    """One validated scan event. `t` is event time in epoch seconds (UTC)."""
+
+    event_id: str
+    epc: str
+    t: float
+    location: str
+    step: int
+    etype: int
+    event_time: str
+    scan_location: str
+
+
+def derive_event_id(epc: str, event_time: str, location: str, event_type: str) -> str:
+    """A stable id for a scan that arrived without one, so replays keep the same id.
+
+    >>> derive_event_id("001.8805843.3842332.100006.20250701.000008002",
+    ...                 "2025-07-01 10:45:09", "12", "Aggregation")
+    'ae9172f32835eb3f'
+    """
+    key = f"{epc}|{event_time}|{location}|{event_type}".encode()
+    return hashlib.blake2b(key, digest_size=8).hexdigest()
+
+
+@lru_cache(maxsize=16)
+def _zone(name: str) -> tzinfo:
+    return UTC if name.upper() == "UTC" else ZoneInfo(name)
+
+
+def parse_event_time(value: str, zone: str = "UTC") -> float:
+    """ISO 8601 to epoch seconds; a time without an offset is read in `zone`.
+
+    >>> parse_event_time("2025-07-01 10:45:09")
+    1751366709.0
+    >>> parse_event_time("2025-07-01T19:45:09+09:00")
+    1751366709.0
+    """
+    text = value.strip()
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise InvalidScan(f"event_time is not ISO 8601: {value!r}") from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_zone(zone))
+    seconds = moment.timestamp()
+    if not EARLIEST_EVENT_TIME <= seconds < LATEST_EVENT_TIME:
+        raise InvalidScan(f"event_time is outside 1990..2100: {value!r}")
+    return seconds
+
+
+def _text(record: dict[str, Any], field: str) -> str:
+    value = record.get(field)
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidScan(f"{field} must be a string, got {type(value).__name__}")
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def to_scan(record: dict[str, Any], zone: str = "UTC") -> Scan:
+    """Validate a record and return its `Scan`; raises `InvalidScan` naming the field."""
+    if not isinstance(record, dict):
+        raise InvalidScan(f"a scan event must be a JSON object, got {type(record).__name__}")
+    for field in REQUIRED_FIELDS:
+        if not _text(record, field):
+            raise InvalidScan(f"missing required field {field}")
+    location = _text(record, "location_id") or _text(record, "scan_location")
+    if not location:
+        raise InvalidScan("missing required field location_id (or scan_location)")
+
+    step_name = _text(record, "business_step")
+    event_name = _text(record, "event_type")
+    if step_name not in STEP_INDEX:
+        raise InvalidScan(f"unknown business_step {step_name!r}")
+    if event_name not in EVENT_INDEX:
+        raise InvalidScan(f"unknown event_type {event_name!r}")
+
+    epc = _text(record, "epc_code")
+    event_time = _text(record, "event_time")
+    t = parse_event_time(event_time, zone)
+    event_id = _text(record, "eventId") or _text(record, "event_id")
+    if not event_id:
+        event_id = derive_event_id(epc, event_time, location, event_name)
+    return Scan(
+        event_id=event_id,
+        epc=epc,
+        t=t,
+        location=location,
+        step=STEP_INDEX[step_name],
+        etype=EVENT_INDEX[event_name],
+        event_time=event_time,
+        scan_location=_text(record, "scan_location") or location,
+    )
