@@ -1,0 +1,269 @@
+"""Per-EPC windows and the features of one scan in the context of its window.
+
+`Featurizer.step` is the single place where a scan meets its EPC's history: it computes the
+feature row the LSTM reads, the rule evidence behind each anomaly type, and appends the scan to
+the window. Training, offline scoring and the streaming detector all go through it, so a model
+never sees features computed two different ways.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from config import Settings
+from detector.epc import EpcFacts, inspect_epc, time_defects
+from detector.reference import Reference
+from detector.schema import (
+    EVENT_TYPES,
+    INBOUND_EVENTS,
+    OUTBOUND_EVENTS,
+    STEP_TIER,
+    TIER_NAMES,
+    Scan,
+)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    *(f"event_{name}" for name in EVENT_TYPES),
+    "tier",
+    "has_previous",
+    "same_site",
+    "signed_log_hours_since_previous",
+    "log_hop_over_bound",
+    "hop_below_bound",
+    "read_elsewhere_within_dup_window",
+    "dup_closeness",
+    "time_before_previous",
+    "outbound_without_inbound",
+    "inbound_without_outbound",
+    "tier_regression",
+    "route_unknown",
+    "site_unknown",
+    "transition_unknown",
+    "epc_format",
+    "epc_header",
+    "epc_company",
+    "epc_manufacture_date",
+    "epc_made_after_first_scan",
+    "epc_too_old",
+    "scans_in_window",
+    "log_bound_hours",
+    "log_route_shipments",
+)
+N_FEATURES = len(FEATURE_NAMES)
+_F = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_DEFECT_FEATURE = {
+    "format": _F["epc_format"],
+    "header": _F["epc_header"],
+    "company": _F["epc_company"],
+    "manufacture_date": _F["epc_manufacture_date"],
+    "made_after_first_scan": _F["epc_made_after_first_scan"],
+    "too_old": _F["epc_too_old"],
+}
+# Features that are rule checks, per anomaly type: the "rules-only" detector reads these.
+RULE_FEATURES: dict[str, tuple[int, ...]] = {
+    "epcFake": tuple(_DEFECT_FEATURE.values()),
+    "epcDup": (_F["read_elsewhere_within_dup_window"],),
+    "locErr": (_F["tier_regression"], _F["route_unknown"]),
+    "evtOrderErr": (
+        _F["time_before_previous"],
+        _F["outbound_without_inbound"],
+        _F["inbound_without_outbound"],
+    ),
+    "jump": (_F["hop_below_bound"],),
+}
+
+
+@dataclass(slots=True)
+class WindowScan:
+    """What a window keeps of a scan. `side` marks a clone read, never used as predecessor."""
+
+    t: float
+    location: str
+    tier: int
+    etype: int
+    event_id: str
+    side: bool
+
+
+class EpcWindow:
+    """The last scans of one EPC plus what the model carries between its scans."""
+
+    __slots__ = ("scans", "first_t", "last_t", "facts", "hidden")
+
+    def __init__(self, facts: EpcFacts, first_t: float, size: int) -> None:
+        self.scans: deque[WindowScan] = deque(maxlen=size)
+        self.first_t = first_t
+        self.last_t = first_t
+        self.facts = facts
+        self.hidden: np.ndarray | None = None  # LSTM (h, c) stacked, shape (2, hidden)
+
+    def predecessor(self) -> WindowScan | None:
+        for scan in reversed(self.scans):
+            if not scan.side:
+                return scan
+        return None
+
+
+Evidence = dict[str, dict[str, Any]]
+
+
+class Featurizer:
+    """Computes a scan's feature row and rule evidence against its window, then updates it."""
+
+    def __init__(self, reference: Reference, settings: Settings) -> None:
+        self.reference = reference
+        self.window_scans = settings.window_scans
+        self.dup_window_s = settings.dup_window_s
+        self.max_age_days = settings.max_epc_age_days
+
+    def new_window(self, scan: Scan) -> EpcWindow:
+        facts = inspect_epc(scan.epc, self.reference.registered_prefixes)
+        return EpcWindow(facts, scan.t, self.window_scans)
+
+    def step(self, window: EpcWindow, scan: Scan, row: np.ndarray) -> Evidence:
+        """Fill `row` with the scan's features, return rule evidence, append scan to window."""
+        row[:] = 0.0
+        evidence: Evidence = {}
+        tier = STEP_TIER[scan.step]
+        row[scan.etype] = 1.0
+        row[_F["tier"]] = tier / 4.0
+        row[_F["scans_in_window"]] = len(window.scans) / self.window_scans
+        row[_F["site_unknown"]] = scan.location not in self.reference.site_tiers
+
+        window.first_t = min(window.first_t, scan.t)
+        self._epc_checks(window, scan, row, evidence)
+        clone_of = self._dup_check(window, scan, row, evidence)
+        previous = window.predecessor()
+        if previous is not None and clone_of is None:
+            self._transition_checks(window, previous, scan, tier, row, evidence)
+
+        window.scans.append(
+            WindowScan(scan.t, scan.location, tier, scan.etype, scan.event_id, clone_of is not None)
+        )
+        window.last_t = max(window.last_t, scan.t)
+        return evidence
+
+    def _epc_checks(
+        self, window: EpcWindow, scan: Scan, row: np.ndarray, evidence: Evidence
+    ) -> None:
+        defects = window.facts.defects + time_defects(
+            window.facts, window.first_t, scan.t, self.max_age_days
+        )
+        if defects:
+            for defect in defects:
+                row[_DEFECT_FEATURE[defect]] = 1.0
+            evidence["epcFake"] = {"defects": list(defects), "company": window.facts.company}
+
+    def _dup_check(
+        self, window: EpcWindow, scan: Scan, row: np.ndarray, evidence: Evidence
+    ) -> WindowScan | None:
+        nearest: WindowScan | None = None
+        for other in window.scans:
+            apart = abs(scan.t - other.t)
+            if other.location != scan.location and apart <= self.dup_window_s:
+                if nearest is None or apart < abs(scan.t - nearest.t):
+                    nearest = other
+        if nearest is None:
+            return None
+        apart = abs(scan.t - nearest.t)
+        row[_F["read_elsewhere_within_dup_window"]] = 1.0
+        row[_F["dup_closeness"]] = 1.0 - apart / self.dup_window_s
+        evidence["epcDup"] = {
+            "other_event_id": nearest.event_id,
+            "other_location": nearest.location,
+            "location": scan.location,
+            "seconds_apart": round(apart, 3),
+            "dup_window_s": self.dup_window_s,
+        }
+        return nearest
+
+    def _transition_checks(
+        self,
+        window: EpcWindow,
+        previous: WindowScan,
+        scan: Scan,
+        tier: int,
+        row: np.ndarray,
+        evidence: Evidence,
+    ) -> None:
+        ref = self.reference
+        row[_F["has_previous"]] = 1.0
+        dt = scan.t - previous.t
+        row[_F["signed_log_hours_since_previous"]] = math.copysign(
+            math.log1p(abs(dt) / 3600.0), dt
+        )
+        row[_F["transition_unknown"]] = (previous.etype, scan.etype) not in ref.transitions
+        same_site = previous.location == scan.location
+        row[_F["same_site"]] = same_site
+
+        if dt < 0:
+            row[_F["time_before_previous"]] = 1.0
+            evidence["evtOrderErr"] = {
+                "problem": "time_before_previous",
+                "previous_event_type": EVENT_TYPES[previous.etype],
+                "seconds_earlier": round(-dt, 3),
+            }
+        elif (
+            scan.etype in OUTBOUND_EVENTS
+            and scan.etype != 0
+            and not any(s.location == scan.location and s.etype in INBOUND_EVENTS for s in window.scans)
+        ):
+            row[_F["outbound_without_inbound"]] = 1.0
+            evidence["evtOrderErr"] = {
+                "problem": "outbound_without_inbound",
+                "site": scan.location,
+                "previous_event_type": EVENT_TYPES[previous.etype],
+            }
+        elif (
+            not same_site
+            and scan.etype in INBOUND_EVENTS
+            and previous.etype not in OUTBOUND_EVENTS
+        ):
+            row[_F["inbound_without_outbound"]] = 1.0
+            evidence["evtOrderErr"] = {
+                "problem": "inbound_without_outbound",
+                "previous_site": previous.location,
+                "previous_event_type": EVENT_TYPES[previous.etype],
+            }
+        if same_site:
+            return
+
+        bound, source = ref.hop_bound(previous.location, scan.location, previous.tier, tier)
+        row[_F["log_bound_hours"]] = math.log1p(bound / 3600.0)
+        shipments = ref.route_support.get((previous.location, scan.location), 0)
+        row[_F["log_route_shipments"]] = math.log1p(shipments) / 5.0
+        if dt >= 0 and bound > 0:
+            row[_F["log_hop_over_bound"]] = max(-5.0, min(5.0, math.log(max(dt, 1.0) / bound)))
+            if dt < bound:
+                row[_F["hop_below_bound"]] = 1.0
+                evidence["jump"] = {
+                    "from": previous.location,
+                    "to": scan.location,
+                    "hop_s": round(dt, 3),
+                    "bound_s": round(bound, 3),
+                    "bound_source": source,
+                }
+        if tier < previous.tier:
+            row[_F["tier_regression"]] = 1.0
+            evidence["locErr"] = {
+                "problem": "step_regression",
+                "from": previous.location,
+                "to": scan.location,
+                "from_tier": TIER_NAMES[previous.tier],
+                "to_tier": TIER_NAMES[tier],
+            }
+        elif not ref.route_known(previous.location, scan.location):
+            row[_F["route_unknown"]] = 1.0
+            evidence["locErr"] = {
+                "problem": "unknown_route",
+                "from": previous.location,
+                "to": scan.location,
+                "from_tier": TIER_NAMES[previous.tier],
+                "to_tier": TIER_NAMES[tier],
+                "route_shipments_seen": shipments,
+            }
