@@ -53,6 +53,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "scans_in_window",
     "log_bound_hours",
     "log_route_shipments",
+    "route_share_of_origin",
+    "log_origin_shipments",
 )
 N_FEATURES = len(FEATURE_NAMES)
 _F = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -236,7 +238,10 @@ class Featurizer:
         bound, source = ref.hop_bound(previous.location, scan.location, previous.tier, tier)
         row[_F["log_bound_hours"]] = math.log1p(bound / 3600.0)
         shipments = ref.route_support.get((previous.location, scan.location), 0)
+        from_origin = ref.origin_shipments(previous.location)
         row[_F["log_route_shipments"]] = math.log1p(shipments) / 5.0
+        row[_F["route_share_of_origin"]] = shipments / from_origin if from_origin else 0.0
+        row[_F["log_origin_shipments"]] = math.log1p(from_origin) / 5.0
         if dt >= 0 and bound > 0:
             row[_F["log_hop_over_bound"]] = max(-5.0, min(5.0, math.log(max(dt, 1.0) / bound)))
             if dt < bound:
@@ -266,4 +271,5 @@ class Featurizer:
                 "from_tier": TIER_NAMES[previous.tier],
                 "to_tier": TIER_NAMES[tier],
                 "route_shipments_seen": shipments,
+                "origin_shipments_seen": from_origin,
             }

@@ -279,7 +279,7 @@ class Injector:
         retailers = [
             s
             for s in self.sites_by_tier.get(4, [])
-            if s != location_of(arrival) and not self.ref.route_known(origin, s)
+            if s != location_of(arrival) and (origin, s) not in self.ref.route_support
         ]
         if not retailers:
             return None

@@ -52,6 +52,9 @@ class Reference:
     max_speed_kmh: float
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def origin_shipments(self, origin: str) -> int:
+        return self.stats.get("origin_shipments", {}).get(origin, 0)
+
     def route_known(self, origin: str, destination: str) -> bool:
         return self.route_support.get((origin, destination), 0) >= self.min_route_support
 
@@ -167,6 +170,7 @@ def learn_reference(
     tier_q = forward.groupby(["origin_tier", "destination_tier"])["hop_s"].quantile(q)
     tier_bound = {(int(a), int(b)): float(v) * factor for (a, b), v in tier_q.items()}
 
+    origin_shipments = hops.groupby("origin")["departed"].nunique()
     coordinates: dict[str, tuple[float, float]] = {}
     if locations is not None:
         for row in locations.itertuples(index=False):
@@ -191,6 +195,7 @@ def learn_reference(
                 1 for n in route_support.values() if n >= settings.min_route_support
             ),
             "registered_prefixes": len(prefixes),
+            "origin_shipments": {str(k): int(v) for k, v in origin_shipments.items()},
         },
     )
 

@@ -300,10 +300,13 @@ def simulate(
     days: float = 14.0,
     start: datetime | None = None,
     shape: NetworkShape | None = None,
+    network_seed: int = 1,
 ) -> Simulation:
-    """Simulate `items` EPCs; inject incidents into `anomaly_share` of them."""
+    """Simulate `items` EPCs on the network of `network_seed`; inject incidents into
+    `anomaly_share` of them. The same network seed gives the same sites and routes, so a
+    model trained on one simulation can score another."""
     rng = random.Random(seed)
-    network = build_network(shape or NetworkShape(), random.Random(seed * 7919 + 1))
+    network = build_network(shape or NetworkShape(), random.Random(network_seed))
     begin = start or datetime(2025, 7, 1, tzinfo=UTC)
     journeys = JourneySimulator(network, rng, begin, days).run(items)
     incidents: list[Incident] = []

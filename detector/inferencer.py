@@ -1,0 +1,178 @@
+"""Scoring a batch of scans: windows, features, one LSTM step per round, calibrated verdicts.
+
+A batch is split into rounds: round k holds the k-th scan of each EPC in the batch, so scans of
+one EPC are applied in arrival order while each round is one forward pass. Most batches are one
+round; a burst of scans of one EPC adds rounds, never a pass per scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import torch
+
+from config import Settings
+from detector.alert import Alert, Explanation, alert_id, explain, now_iso, severity_of
+from detector.artifact import LoadedModel
+from detector.features import N_FEATURES, EpcWindow, Evidence, Featurizer
+from detector.schema import ANOMALY_TYPES, Scan
+
+RULE_NAMES = {
+    "epcFake": "epc_structure",
+    "epcDup": "read_elsewhere_within_dup_window",
+    "jump": "hop_below_bound",
+}
+
+
+@dataclass(slots=True)
+class Verdict:
+    """What the detector concluded about one scan."""
+
+    scan: Scan
+    confidence: np.ndarray  # calibrated, one per anomaly type
+    flagged: tuple[str, ...]
+    evidence: Evidence
+
+
+class Inferencer:
+    """Scores scans against their windows with one loaded model."""
+
+    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+        self.model = model
+        self.settings = settings
+        self.featurizer = Featurizer(model.reference, settings)
+        self.hidden = model.net.hidden_size
+        self.slopes = np.array([model.scalers[t].slope for t in ANOMALY_TYPES], np.float32)
+        self.intercepts = np.array([model.scalers[t].intercept for t in ANOMALY_TYPES], np.float32)
+        self.thresholds = np.array([model.thresholds[t] for t in ANOMALY_TYPES], np.float32)
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def score(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> list[Verdict]:
+        """Verdicts for `scans` in their order; windows are updated in place."""
+        rounds: list[list[int]] = []
+        occurrences: dict[str, int] = {}
+        for i, scan in enumerate(scans):
+            k = occurrences.get(scan.epc, 0)
+            occurrences[scan.epc] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        verdicts: list[Verdict | None] = [None] * len(scans)
+        for members in rounds:
+            for i, verdict in zip(members, self._round([scans[i] for i in members], windows)):
+                verdicts[i] = verdict
+        return verdicts  # type: ignore[return-value]
+
+    def _round(
+        self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]
+    ) -> list[Verdict]:
+        n = len(scans)
+        x = np.empty((n, N_FEATURES), dtype=np.float32)
+        state = np.zeros((n, 2, self.hidden), dtype=np.float32)
+        evidence: list[Evidence] = []
+        touched: list[EpcWindow] = []
+        for j, scan in enumerate(scans):
+            window = windows.get(scan.epc)
+            if window is None:
+                window = self.featurizer.new_window(scan)
+            evidence.append(self.featurizer.step(window, scan, x[j]))
+            if window.hidden is not None:
+                state[j] = window.hidden
+            windows[scan.epc] = window
+            touched.append(window)
+
+        with torch.inference_mode():
+            logits, h, c = self.model.net.step(
+                torch.from_numpy(x), torch.from_numpy(state[:, 0]), torch.from_numpy(state[:, 1])
+            )
+        carried = np.stack([h.numpy(), c.numpy()], axis=1)
+        for j, window in enumerate(touched):
+            window.hidden = carried[j].copy()
+
+        z = np.clip(logits.numpy() * self.slopes + self.intercepts, -40.0, 40.0)
+        confidence = 1.0 / (1.0 + np.exp(-z))
+        flagged = confidence >= self.thresholds
+        return [
+            Verdict(
+                scan,
+                confidence[j],
+                tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j]) if hit),
+                evidence[j],
+            )
+            for j, scan in enumerate(scans)
+        ]
+
+    def alerts(self, verdict: Verdict, windows: MutableMapping[str, EpcWindow]) -> list[Alert]:
+        """Alerts for a verdict; a clone also flags the earlier read it pairs with."""
+        out: list[Alert] = []
+        detected_at = now_iso()
+        names = self.model.reference.site_names
+        scan = verdict.scan
+        for anomaly_type in verdict.flagged:
+            confidence = float(verdict.confidence[ANOMALY_TYPES.index(anomaly_type)])
+            evidence = verdict.evidence.get(anomaly_type)
+            out.append(
+                self._alert(
+                    scan.epc, scan.event_id, anomaly_type, confidence, scan.t,
+                    scan.scan_location, scan.location, evidence, detected_at, names,
+                )
+            )
+            if anomaly_type == "epcDup" and evidence:
+                other = evidence["other_event_id"]
+                window = windows.get(scan.epc)
+                earlier = next((s for s in window.scans if s.event_id == other), None) if window else None
+                if earlier is not None:
+                    mirrored = dict(evidence, other_event_id=scan.event_id,
+                                    location=earlier.location, other_location=scan.location)
+                    out.append(
+                        self._alert(
+                            scan.epc, other, anomaly_type, confidence, earlier.t,
+                            names.get(earlier.location, earlier.location), earlier.location,
+                            mirrored, detected_at, names,
+                        )
+                    )
+        return out
+
+    def _alert(
+        self,
+        epc: str,
+        event_id: str,
+        anomaly_type: str,
+        confidence: float,
+        t: float,
+        location_name: str,
+        location_id: str,
+        evidence: dict | None,
+        detected_at: str,
+        names: dict[str, str],
+    ) -> Alert:
+        settings = self.settings
+        return Alert(
+            alert_id=alert_id(event_id, anomaly_type, self.version),
+            epc_code=epc,
+            event_id=event_id,
+            anomaly_type=anomaly_type,  # type: ignore[arg-type]
+            confidence=round(confidence, 4),
+            severity=severity_of(
+                confidence, settings.severity_high_confidence, settings.severity_medium_confidence
+            ),
+            event_time=datetime.fromtimestamp(t, tz=UTC).isoformat(),
+            location=location_name,
+            location_id=location_id,
+            detected_at=detected_at,
+            model_version=self.version,
+            explanation=Explanation(
+                text=explain(anomaly_type, evidence, names),
+                rule=(evidence or {}).get("problem") or RULE_NAMES.get(anomaly_type)
+                if evidence
+                else None,
+                evidence=evidence or {},
+                model_score=round(confidence, 4),
+            ),
+        )

@@ -1,0 +1,291 @@
+"""Training without labels: learn the network, inject known anomalies, fit and calibrate the LSTM.
+
+History has no labels, so the EPCs are split into training and validation sets (disjoint by
+EPC), the reference network is learned from the training EPCs only (so validation meets routes
+the way live traffic does: some legitimately rare ones unseen), anomalies of the five types are
+injected into both sets, the LSTM is trained with early stopping on validation loss, and the
+per-type confidences are calibrated and thresholded on validation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import structlog
+import torch
+from tqdm import tqdm
+
+from config import Settings
+from detector.artifact import save_model
+from detector.calibration import PlattScaler, fit_platt, reliability
+from detector.features import N_FEATURES, RULE_FEATURES, Featurizer
+from detector.inject import Incident, Injector, Row
+from detector.model import ScanLSTM
+from detector.reference import learn_reference
+from detector.schema import ANOMALY_TYPES, InvalidScan, to_scan
+
+log = structlog.get_logger(__name__)
+
+# Journeys longer than this are cut for training; real ones have at most 10 scans plus clones.
+MAX_TRAIN_SCANS = 16
+
+
+@dataclass
+class Journeys:
+    """Rows grouped by EPC in arrival order, plus how many input rows were unusable."""
+
+    by_epc: dict[str, list[Row]]
+    invalid: int
+
+
+def group_journeys(records: Iterable[dict[str, Any]], zone: str = "UTC") -> Journeys:
+    """Validate records and group them by EPC; arrival order is the records' order.
+
+    Arrival is kept as a clock in seconds (the latest event time seen so far, nudged forward
+    by a microsecond a record) so injected anomalies can move scans in time and keep order.
+    """
+    by_epc: dict[str, list[Row]] = {}
+    invalid = 0
+    clock = float("-inf")
+    for record in records:
+        try:
+            scan = to_scan(record, zone)
+        except InvalidScan:
+            invalid += 1
+            continue
+        row = dict(record)
+        clock = max(clock + 1e-6, scan.t)
+        row.update(_t=scan.t, _arrival=clock, eventId=scan.event_id)
+        row["location_id"] = scan.location
+        by_epc.setdefault(scan.epc, []).append(row)
+    return Journeys(by_epc, invalid)
+
+
+def scan_frame(journeys: dict[str, list[Row]]) -> pd.DataFrame:
+    """The frame `learn_reference` reads, in arrival order."""
+    rows = sorted((r for j in journeys.values() for r in j), key=lambda r: r["_arrival"])
+    scans = [to_scan(r) for r in rows]
+    return pd.DataFrame(
+        {
+            "epc": [s.epc for s in scans],
+            "t": [s.t for s in scans],
+            "location": [s.location for s in scans],
+            "step": [s.step for s in scans],
+            "etype": [s.etype for s in scans],
+            "scan_location": [s.scan_location for s in scans],
+        }
+    )
+
+
+def detection_labels(incidents: list[Incident]) -> dict[str, set[str]]:
+    """Event id → anomaly types the detector can see on that event as it arrives.
+
+    A clone is only visible on the second of its two reads; the first read is flagged
+    retroactively when the second arrives, so the model is taught the second.
+    """
+    labels: dict[str, set[str]] = {}
+    for incident in incidents:
+        rows = incident.rows
+        if incident.anomaly_type == "epcDup":
+            rows = [max(rows, key=lambda r: r["_arrival"])]
+        for row in rows:
+            labels.setdefault(row["eventId"], set()).add(incident.anomaly_type)
+    return labels
+
+
+@dataclass
+class Tensors:
+    x: np.ndarray  # (journeys, length, features)
+    y: np.ndarray  # (journeys, length, types)
+    mask: np.ndarray  # (journeys, length) bool
+
+
+def featurize_journeys(
+    journeys: dict[str, list[Row]], featurizer: Featurizer, labels: dict[str, set[str]]
+) -> Tensors:
+    """Run every journey through the same featurizer the detector uses."""
+    n = len(journeys)
+    x = np.zeros((n, MAX_TRAIN_SCANS, N_FEATURES), dtype=np.float32)
+    y = np.zeros((n, MAX_TRAIN_SCANS, len(ANOMALY_TYPES)), dtype=np.float32)
+    mask = np.zeros((n, MAX_TRAIN_SCANS), dtype=bool)
+    type_index = {t: i for i, t in enumerate(ANOMALY_TYPES)}
+    for j, rows in enumerate(journeys.values()):
+        ordered = sorted(rows, key=lambda r: r["_arrival"])[:MAX_TRAIN_SCANS]
+        window = None
+        for k, row in enumerate(ordered):
+            scan = to_scan(row)
+            if window is None:
+                window = featurizer.new_window(scan)
+            featurizer.step(window, scan, x[j, k])
+            mask[j, k] = True
+            for anomaly_type in labels.get(scan.event_id, ()):
+                y[j, k, type_index[anomaly_type]] = 1.0
+    return Tensors(x, y, mask)
+
+
+def rule_flags(x: np.ndarray) -> np.ndarray:
+    """The rules-only verdict per type from feature rows: (..., features) → (..., types)."""
+    return np.stack(
+        [(x[..., list(RULE_FEATURES[t])] > 0.5).any(axis=-1) for t in ANOMALY_TYPES], axis=-1
+    )
+
+
+def _fit(net: ScanLSTM, train: Tensors, valid: Tensors, settings: Settings, show: bool) -> dict:
+    torch.manual_seed(settings.seed)
+    xt, yt, mt = (torch.from_numpy(a) for a in (train.x, train.y, train.mask))
+    xv, yv, mv = (torch.from_numpy(a) for a in (valid.x, valid.y, valid.mask))
+    positives = yt[mt].sum(0)
+    negatives = mt.sum() - positives
+    pos_weight = (negatives / positives.clamp(min=1)).clamp(1.0, 50.0)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
+    optimiser = torch.optim.Adam(net.parameters(), lr=5e-3)
+
+    def masked_loss(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return (loss_fn(net(x), y).mean(-1) * m).sum() / m.sum().clamp(min=1)
+
+    best, best_state, stale, history = float("inf"), None, 0, []
+    bar = tqdm(range(settings.train_epochs_max), desc="training", unit="epoch", disable=not show)
+    for epoch in bar:
+        net.train()
+        order = torch.randperm(len(xt))
+        for start in range(0, len(xt), settings.train_batch_sequences):
+            idx = order[start : start + settings.train_batch_sequences]
+            optimiser.zero_grad()
+            loss = masked_loss(xt[idx], yt[idx], mt[idx])
+            loss.backward()
+            optimiser.step()
+        net.eval()
+        with torch.no_grad():
+            val_loss = float(masked_loss(xv, yv, mv))
+        history.append(val_loss)
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        log.debug("train_epoch", epoch=epoch, val_loss=val_loss)
+        if val_loss < best - 1e-5:
+            best, stale = val_loss, 0
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= settings.train_patience_epochs:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    net.eval()
+    return {"epochs": len(history), "val_loss": history, "best_val_loss": best}
+
+
+def choose_threshold(confidence: np.ndarray, labels: np.ndarray) -> float:
+    """The confidence cut with the best F1 on validation; ties go to the stricter cut."""
+    best_f1, best_cut = -1.0, 0.5
+    for cut in np.linspace(0.05, 0.95, 91):
+        flagged = confidence >= cut
+        tp = float((flagged & (labels > 0)).sum())
+        f1 = 2 * tp / max(1.0, float(flagged.sum()) + float((labels > 0).sum()))
+        if f1 >= best_f1:
+            best_f1, best_cut = f1, float(cut)
+    return best_cut
+
+
+def _scores(flagged: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    tp = float((flagged & labels).sum())
+    fp = float((flagged & ~labels).sum())
+    fn = float((~flagged & labels).sum())
+    precision = tp / max(1.0, tp + fp)
+    recall = tp / max(1.0, tp + fn)
+    f1 = 2 * precision * recall / max(1e-9, precision + recall)
+    return {"precision": precision, "recall": recall, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+
+
+def calibrate(
+    net: ScanLSTM, valid: Tensors
+) -> tuple[dict[str, PlattScaler], dict[str, float], dict[str, Any]]:
+    """Per-type Platt scaling and thresholds on validation, and the metrics they give."""
+    with torch.no_grad():
+        logits = net(torch.from_numpy(valid.x)).numpy()[valid.mask]
+    labels = valid.y[valid.mask] > 0.5
+    rules = rule_flags(valid.x[valid.mask])
+    scalers, thresholds, metrics = {}, {}, {"per_type": {}}
+    for i, anomaly_type in enumerate(ANOMALY_TYPES):
+        scaler = fit_platt(logits[:, i], labels[:, i].astype(float))
+        confidence = scaler.apply(logits[:, i])
+        cut = choose_threshold(confidence, labels[:, i])
+        flagged = confidence >= cut
+        ece, table = reliability(confidence[flagged], labels[flagged, i].astype(float))
+        scalers[anomaly_type], thresholds[anomaly_type] = scaler, cut
+        metrics["per_type"][anomaly_type] = {
+            "combined": _scores(flagged, labels[:, i]),
+            "rules_only": _scores(rules[:, i], labels[:, i]),
+            "threshold": cut,
+            "ece_of_alerts": ece,
+            "reliability": table,
+        }
+    metrics["validation_scans"] = int(valid.mask.sum())
+    return scalers, thresholds, metrics
+
+
+def train_model(
+    records: Iterable[dict[str, Any]],
+    settings: Settings,
+    out_root: Path,
+    locations: pd.DataFrame | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Train a model from history records and write it as `out_root/<version>`."""
+    started = time.monotonic()
+    torch.set_num_threads(settings.torch_threads)
+    journeys = group_journeys(records, settings.site_timezone)
+    if len(journeys.by_epc) < 50:
+        raise ValueError(
+            f"history has only {len(journeys.by_epc)} EPCs; training needs a few thousand"
+        )
+    rng = random.Random(settings.seed)
+    epcs = sorted(journeys.by_epc)
+    rng.shuffle(epcs)
+    n_valid = int(len(epcs) * settings.validation_share)
+    valid_set = {e: journeys.by_epc[e] for e in epcs[:n_valid]}
+    train_set = {e: journeys.by_epc[e] for e in epcs[n_valid:]}
+    reference = learn_reference(scan_frame(train_set), settings, locations)
+    scalars = {k: v for k, v in reference.stats.items() if not isinstance(v, dict)}
+    log.info("reference_learned", **scalars, invalid_rows=journeys.invalid)
+
+    injector = Injector(reference, rng, settings.dup_window_s, settings.max_epc_age_days)
+    train_incidents = injector.inject(train_set, settings.train_anomaly_share)
+    valid_incidents = injector.inject(valid_set, settings.train_anomaly_share)
+    featurizer = Featurizer(reference, settings)
+    train = featurize_journeys(train_set, featurizer, detection_labels(train_incidents))
+    valid = featurize_journeys(valid_set, featurizer, detection_labels(valid_incidents))
+
+    net = ScanLSTM(N_FEATURES, settings.lstm_hidden_size)
+    flat = train.x[train.mask]
+    net.feature_mean.copy_(torch.from_numpy(flat.mean(0)))
+    net.feature_scale.copy_(torch.from_numpy(np.maximum(flat.std(0), 1e-3)))
+    fit = _fit(net, train, valid, settings, show_progress)
+    scalers, thresholds, metrics = calibrate(net, valid)
+
+    digest = hashlib.blake2b(digest_size=4)
+    for tensor in net.state_dict().values():
+        digest.update(tensor.numpy().tobytes())
+    version = f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{digest.hexdigest()}"
+    training = {
+        "history_scans": sum(len(r) for r in journeys.by_epc.values()),
+        "history_epcs": len(journeys.by_epc),
+        "invalid_rows": journeys.invalid,
+        "train_epcs": len(train_set),
+        "validation_epcs": len(valid_set),
+        "injected_incidents": {"train": len(train_incidents), "validation": len(valid_incidents)},
+        "seconds": round(time.monotonic() - started, 1),
+        **fit,
+    }
+    path = save_model(
+        out_root / version, version, net, reference, scalers, thresholds, metrics, training
+    )
+    log.info("model_saved", path=str(path), version=version, seconds=training["seconds"])
+    return path

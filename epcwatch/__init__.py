@@ -1,0 +1,1 @@
+"""The `epcwatch` command: one entry point with a subcommand per task."""

@@ -1,0 +1,3 @@
+from epcwatch.cli import app
+
+app()
