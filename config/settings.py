@@ -78,7 +78,10 @@ class Settings(BaseSettings):
     hop_bound_factor: float = Field(
         0.5, gt=0, le=1, description="a hop faster than factor x quantile is a jump"
     )
-    min_route_support: int = Field(3, ge=1, description="hops before a route counts as known")
+    min_route_support: int = Field(3, ge=1, description="shipments before a route is known")
+    min_route_bound_shipments: int = Field(
+        20, ge=1, description="shipments before a route's own hop times set its bound"
+    )
     min_prefix_support_epcs: int = Field(
         20, ge=1, description="distinct EPCs before a company prefix counts as registered"
     )

@@ -165,7 +165,7 @@ def learn_reference(
     route_bound = {
         key: float(value) * factor
         for key, value in route_q.items()
-        if route_support.get(key, 0) >= settings.min_route_support
+        if route_support.get(key, 0) >= settings.min_route_bound_shipments
     }
     tier_q = forward.groupby(["origin_tier", "destination_tier"])["hop_s"].quantile(q)
     tier_bound = {(int(a), int(b)): float(v) * factor for (a, b), v in tier_q.items()}

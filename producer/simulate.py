@@ -313,10 +313,21 @@ def simulate(
     if anomaly_share > 0:
         locations = locations_frame(network)
         reference = learn_reference(journeys_frame(journeys), settings, locations)
+        # Ground truth is the network as built, not what this sample happened to show:
+        # an item sent along a rare but real supply route is not misrouted.
+        reference.route_support = {edge: 1_000_000 for edge in supply_routes(network)}
         injector = Injector(reference, rng, settings.dup_window_s, settings.max_epc_age_days)
         incidents = injector.inject(journeys, anomaly_share)
     assign_event_ids(journeys)
     return Simulation(network, journeys, incidents)
+
+
+def supply_routes(network: Network) -> set[tuple[str, str]]:
+    """Every (origin, destination) the network ships along by design."""
+    routes = set(network.warehouse_of.items())
+    for supplies in (network.hubs_of, network.wholesalers_of, network.retailers_of):
+        routes |= {(a, b) for a, targets in supplies.items() for b in targets}
+    return routes
 
 
 def locations_frame(network: Network) -> pd.DataFrame:

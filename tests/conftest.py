@@ -1,0 +1,90 @@
+"""Shared fixtures: a small hand-made network for rule tests, and scans built by name."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from config import Settings
+from detector.features import N_FEATURES, Featurizer
+from detector.reference import Reference
+from detector.schema import EVENT_TYPES, Scan, derive_event_id, parse_event_time, STEP_INDEX
+
+COMPANY = "8805843"
+GOOD_EPC = f"001.{COMPANY}.3842332.100006.20250701.000008002"
+# The standard journey: (event type, business step, site).
+JOURNEY = [
+    ("Aggregation", "Factory", "F1"),
+    ("WMS_Inbound", "WMS", "W1"),
+    ("WMS_Outbound", "WMS", "W1"),
+    ("HUB_Inbound", "Logistics_HUB", "H1"),
+    ("HUB_Outbound", "Logistics_HUB", "H1"),
+    ("W_Stock_Inbound", "W_Stock_Inbound", "D1"),
+    ("W_Stock_Outbound", "W_Stock_Outbound", "D1"),
+    ("R_Stock_Inbound", "R_Stock_Inbound", "R1"),
+    ("R_Stock_Outbound", "R_Stock_Outbound", "R1"),
+    ("POS_Sell", "POS_Sell", "R1"),
+]
+HOP_BOUND_S = 1800.0
+_ids = itertools.count()
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def reference() -> Reference:
+    """F1 → W1 → H1 → D1 → R1, plus a second hub H2, wholesaler D2 and retailer R2 (D2 only)."""
+    tiers = {"F1": 0, "W1": 1, "H1": 2, "H2": 2, "D1": 3, "D2": 3, "R1": 4, "R2": 4}
+    routes = [("F1", "W1"), ("W1", "H1"), ("W1", "H2"), ("H1", "D1"), ("H2", "D2"),
+              ("D1", "R1"), ("D2", "R2"), ("H1", "D2")]
+    transitions = {(EVENT_TYPES.index(a[0]), EVENT_TYPES.index(b[0]))
+                   for a, b in zip(JOURNEY, JOURNEY[1:])}
+    return Reference(
+        registered_prefixes=frozenset({COMPANY}),
+        site_tiers=tiers,
+        site_names={s: f"site {s}" for s in tiers},
+        coordinates={},
+        route_support={r: 50 for r in routes},
+        route_bound_s={r: HOP_BOUND_S for r in routes},
+        tier_bound_s={},
+        transitions=frozenset(transitions),
+        min_route_support=3,
+        max_speed_kmh=150,
+        stats={"origin_shipments": {}},
+    )
+
+
+def make_scan(event_type: str, step: str, site: str, t: str, epc: str = GOOD_EPC) -> Scan:
+    return Scan(
+        event_id=derive_event_id(epc, t, site, event_type) + f"-{next(_ids)}",
+        epc=epc,
+        t=parse_event_time(t),
+        location=site,
+        step=STEP_INDEX[step],
+        etype=EVENT_TYPES.index(event_type),
+        event_time=t,
+        scan_location=site,
+    )
+
+
+class Runner:
+    """Feeds scans through one featurizer and keeps each scan's rule evidence."""
+
+    def __init__(self, reference: Reference, settings: Settings) -> None:
+        self.featurizer = Featurizer(reference, settings)
+        self.windows: dict = {}
+
+    def feed(self, scan: Scan) -> dict:
+        window = self.windows.get(scan.epc) or self.featurizer.new_window(scan)
+        self.windows[scan.epc] = window
+        return self.featurizer.step(window, scan, np.zeros(N_FEATURES, np.float32))
+
+
+@pytest.fixture
+def runner(reference: Reference, settings: Settings) -> Runner:
+    return Runner(reference, settings)

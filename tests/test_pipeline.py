@@ -1,0 +1,119 @@
+"""End to end on the real broker: a stream with known anomalies in, the right alerts out."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import pytest
+
+from config import Settings
+from detector.schema import ANOMALY_TYPES
+from producer.publish import publish_scans
+from producer.readers import read_scans
+from producer.simulate import locations_frame, simulate, write_simulation
+from producer.kafka import make_producer
+from tests.kafka_support import isolated_settings, read_all, read_alerts, run_detector
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STREAM_ITEMS = 3000
+STREAM_START = datetime(2025, 7, 20, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """A model trained on simulated history of the network every test stream uses."""
+    from detector.train import train_model
+
+    settings = Settings(train_epochs_max=20)
+    history = simulate(12000, 3, settings)
+    records = (
+        {k: v for k, v in r.items() if not k.startswith("_")}
+        for r in history.rows_in_arrival_order()
+    )
+    root = tmp_path_factory.mktemp("models")
+    return train_model(records, settings, root, locations_frame(history.network),
+                       show_progress=False)
+
+
+def test_stream_with_anomalies_alerts_each_type_on_the_right_events(trained_model, tmp_path):
+    settings = isolated_settings(trained_model)
+    stream = simulate(STREAM_ITEMS, 5, settings, 0.05, days=5, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "stream.tsv", event_ids=False)
+    report = publish_scans(read_scans(paths["scans"]), settings, show_progress=False)
+    assert report.published == sum(len(j) for j in stream.journeys.values())
+    assert report.bad_rows == []
+
+    first = run_detector(settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    alerts = read_alerts(settings)
+
+    labelled: dict[str, set[str]] = defaultdict(set)
+    for incident in stream.incidents:
+        for row in incident.rows:
+            labelled[row["eventId"]].add(incident.anomaly_type)
+    by_type: dict[str, set[str]] = defaultdict(set)
+    for alert in alerts:
+        by_type[alert["anomaly_type"]].add(alert["event_id"])
+    for anomaly_type in ANOMALY_TYPES:
+        incidents = [i for i in stream.incidents if i.anomaly_type == anomaly_type]
+        assert len(incidents) >= 20, anomaly_type
+        caught = [i for i in incidents if {r["eventId"] for r in i.rows} & by_type[anomaly_type]]
+        assert len(caught) >= 0.95 * len(incidents), (anomaly_type, len(caught), len(incidents))
+        wrong = {e for e in by_type[anomaly_type] if anomaly_type not in labelled[e]}
+        assert len(wrong) <= 0.02 * len(by_type[anomaly_type]), (anomaly_type, wrong)
+    clones = [i for i in stream.incidents if i.anomaly_type == "epcDup"]
+    both_reads = [i for i in clones if {r["eventId"] for r in i.rows} <= by_type["epcDup"]]
+    assert len(both_reads) >= 0.95 * len(clones)
+    assert {a["alert_id"] for a in alerts} and len({a["alert_id"] for a in alerts}) == len(alerts)
+
+    second = run_detector(settings, idle_exit_s=4.0)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(read_alerts(settings)) == len(alerts), "a restart re-alerted committed input"
+
+
+def test_clean_stream_of_the_same_size_raises_no_alert(trained_model, tmp_path):
+    settings = isolated_settings(trained_model)
+    stream = simulate(STREAM_ITEMS, 6, settings, 0.0, days=5, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "clean.csv", separator=",")
+    report = publish_scans(read_scans(paths["scans"]), settings, show_progress=False)
+    assert report.published > 10000
+    result = run_detector(settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alerts = read_alerts(settings)
+    assert alerts == [], [a["explanation"]["text"] for a in alerts[:5]]
+
+
+def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_pipeline_goes_on(
+    trained_model, tmp_path
+):
+    settings = isolated_settings(trained_model)
+    stream = simulate(200, 8, settings, 0.0, days=3, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "good.tsv")
+    producer = make_producer(settings)
+    bad = [
+        b"\x00\xff random bytes",
+        b'{"epc_code": "001.8805843.3842332.100006.20250701.000008002"}',
+        b'{"epc_code": "x", "event_time": "yesterday", "location_id": "1", '
+        b'"business_step": "Factory", "event_type": "Aggregation"}',
+        b"[1, 2, 3]",
+        b'{"epc_code": 5, "event_time": {"a": 1}}',
+        b"{" + b'"pad": "' + b"x" * 100_000 + b'"}',
+    ]
+    for value in bad:
+        producer.produce(settings.topic_scans, value=value)
+    producer.flush(10)
+    report = publish_scans(read_scans(paths["scans"]), settings, show_progress=False)
+
+    result = run_detector(settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dead = read_all(settings, settings.topic_dlq)
+    assert sorted(m.value() for m in dead) == sorted(bad)
+    reasons = [dict(m.headers())["reason"].decode() for m in dead]
+    assert any("not JSON" in r for r in reasons)
+    assert any("missing required field event_time" in r for r in reasons)
+    assert any("exceeds max_message_bytes" in r for r in reasons)
+    assert "scored\": " + str(report.published) in result.stderr or str(report.published) in (
+        result.stderr
+    )
