@@ -181,7 +181,7 @@ def detect(
 
     Runs until SIGTERM/SIGINT; start more processes with the same group to share the work.
 
-    Example: EPCWATCH_BOOTSTRAP_SERVERS=127.0.0.1:9092 epcwatch detect
+    Example: epcwatch detect --model models/current
     """
     from consumer.service import DetectorService
     from detector.artifact import ModelUnavailable

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from config import Settings
+from producer.simulate import locations_frame, simulate
 from detector.features import N_FEATURES, Featurizer
 from detector.reference import Reference
 from detector.schema import EVENT_TYPES, Scan, derive_event_id, parse_event_time, STEP_INDEX
@@ -88,3 +89,19 @@ class Runner:
 @pytest.fixture
 def runner(reference: Reference, settings: Settings) -> Runner:
     return Runner(reference, settings)
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory):
+    """A model trained on simulated history of the network every test stream uses."""
+    from detector.train import train_model
+
+    settings = Settings(train_epochs_max=20)
+    history = simulate(12000, 3, settings)
+    records = (
+        {k: v for k, v in r.items() if not k.startswith("_")}
+        for r in history.rows_in_arrival_order()
+    )
+    root = tmp_path_factory.mktemp("models")
+    return train_model(records, settings, root, locations_frame(history.network),
+                       show_progress=False)

@@ -7,11 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from config import Settings
 from detector.schema import ANOMALY_TYPES
 from producer.publish import publish_scans
 from producer.readers import read_scans
-from producer.simulate import locations_frame, simulate, write_simulation
+from producer.simulate import simulate, write_simulation
 from producer.kafka import make_producer
 from tests.kafka_support import isolated_settings, read_all, read_alerts, run_detector
 
@@ -19,22 +18,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STREAM_ITEMS = 3000
 STREAM_START = datetime(2025, 7, 20, tzinfo=UTC)
-
-
-@pytest.fixture(scope="session")
-def trained_model(tmp_path_factory):
-    """A model trained on simulated history of the network every test stream uses."""
-    from detector.train import train_model
-
-    settings = Settings(train_epochs_max=20)
-    history = simulate(12000, 3, settings)
-    records = (
-        {k: v for k, v in r.items() if not k.startswith("_")}
-        for r in history.rows_in_arrival_order()
-    )
-    root = tmp_path_factory.mktemp("models")
-    return train_model(records, settings, root, locations_frame(history.network),
-                       show_progress=False)
 
 
 def test_stream_with_anomalies_alerts_each_type_on_the_right_events(trained_model, tmp_path):

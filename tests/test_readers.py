@@ -1,0 +1,69 @@
+"""The file layouts `produce` and `score` accept, and bad rows reported by line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from detector.schema import RAW_COLUMNS, derive_event_id, to_scan
+from producer.readers import BadRow, read_scans
+
+ROW = {
+    "scan_location": "Plant A", "location_id": "12", "hub_type": "Factory",
+    "business_step": "Factory", "event_type": "Aggregation", "operator_id": "1",
+    "device_id": "2", "epc_code": "001.8805843.3842332.100006.20250701.000008002",
+    "epc_header": "001", "epc_company": "8805843", "epc_product": "3842332",
+    "epc_lot": "100006", "epc_manufacture": "20250701", "epc_serial": "000008002",
+    "product_name": "Product 1", "event_time": "2025-07-01 10:45:09",
+    "manufacture_date": "2025-07-01 00:00:00", "expiry_date": "2027-07-01 00:00:00",
+}
+
+
+def test_raw_export_tsv_without_event_id(tmp_path: Path):
+    path = tmp_path / "export.tsv"
+    lines = ["\t".join(RAW_COLUMNS), "\t".join(ROW[c] for c in RAW_COLUMNS)]
+    path.write_text("\n".join(lines) + "\n")
+    [(line, record)] = list(read_scans(path))
+    assert line == 2
+    scan = to_scan(record)
+    assert scan.event_id == derive_event_id(ROW["epc_code"], ROW["event_time"], "12",
+                                            "Aggregation")
+    assert scan.location == "12"
+
+
+def test_headerless_raw_export(tmp_path: Path):
+    path = tmp_path / "export.tsv"
+    path.write_text("\t".join(ROW[c] for c in RAW_COLUMNS) + "\n")
+    [(_, record)] = list(read_scans(path))
+    assert record["epc_code"] == ROW["epc_code"]
+
+
+def test_csv_with_event_id_and_a_subset_of_columns_plus_extras(tmp_path: Path):
+    path = tmp_path / "scans.csv"
+    path.write_text(
+        "eventId,epc_code,location_id,scan_location,business_step,event_type,event_time,extra\n"
+        f"77,{ROW['epc_code']},12,Plant A,Factory,Aggregation,2025-07-01 10:45:09,x\n"
+    )
+    [(_, record)] = list(read_scans(path))
+    scan = to_scan(record)
+    assert scan.event_id == "77" and record["extra"] == "x"
+
+
+def test_bad_rows_are_reported_with_line_numbers(tmp_path: Path):
+    path = tmp_path / "scans.csv"
+    path.write_text(
+        "epc_code,location_id,business_step,event_type,event_time\n"
+        f"{ROW['epc_code']},12,Factory,Aggregation,2025-07-01 10:45:09\n"
+        "only,three,fields\n"
+    )
+    rows = list(read_scans(path))
+    assert rows[1] == (3, BadRow("expected 5 columns, found 3"))
+
+
+def test_json_lines(tmp_path: Path):
+    import orjson
+
+    path = tmp_path / "scans.jsonl"
+    path.write_bytes(orjson.dumps(ROW) + b"\nnot json\n")
+    rows = list(read_scans(path))
+    assert rows[0][1]["epc_code"] == ROW["epc_code"]
+    assert isinstance(rows[1][1], BadRow) and rows[1][0] == 2
