@@ -99,8 +99,12 @@ class DetectorService:
         self.consumer.subscribe(
             [self.settings.topic_scans], on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-        log.info("detector_started", model_version=self.inferencer.version,
-                 topic=self.settings.topic_scans, group=self.settings.group_id)
+        log.info(
+            "detector_started",
+            model_version=self.inferencer.version,
+            topic=self.settings.topic_scans,
+            group=self.settings.group_id,
+        )
         last_input = last_progress = time.monotonic()
         try:
             while not self.stopping:
@@ -116,13 +120,20 @@ class DetectorService:
                     break
                 if now - last_progress >= PROGRESS_EVERY_S:
                     last_progress = now
-                    log.info("detector_progress", tracked_epcs=len(self.windows),
-                             **self.counters.as_fields())
+                    log.info(
+                        "detector_progress",
+                        tracked_epcs=len(self.windows),
+                        **self.counters.as_fields(),
+                    )
         finally:
             self.producer.flush(FLUSH_TIMEOUT_S)
             self.consumer.close()
-            log.info("detector_stopped", **self.counters.as_fields(),
-                     evicted=self.windows.evicted, expired=self.windows.expired)
+            log.info(
+                "detector_stopped",
+                **self.counters.as_fields(),
+                evicted=self.windows.evicted,
+                expired=self.windows.expired,
+            )
         return self.counters
 
     def process(self, messages: list[Message]) -> None:
@@ -195,8 +206,13 @@ class DetectorService:
 
     def _dead_letter(self, message: Message, reason: str, tracker: DeliveryTracker) -> None:
         self.counters.dead_lettered += 1
-        log.info("scan_dead_lettered", topic=message.topic(), partition=message.partition(),
-                 offset=message.offset(), reason=reason)
+        log.info(
+            "scan_dead_lettered",
+            topic=message.topic(),
+            partition=message.partition(),
+            offset=message.offset(),
+            reason=reason,
+        )
         produce_with_backpressure(
             self.producer,
             self.settings.topic_dlq,

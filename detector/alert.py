@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from detector.schema import ANOMALY_WORDS
 from detector.epc import DEFECT_WORDS
+from detector.schema import ANOMALY_WORDS
 
 SCHEMA_VERSION = 1
 AnomalyType = Literal["epcFake", "epcDup", "locErr", "evtOrderErr", "jump"]

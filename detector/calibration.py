@@ -73,7 +73,12 @@ def reliability(
         real = float(labels[mask].mean())
         ece += n / len(confidence) * abs(mean_conf - real)
         table.append(
-            {"low": float(edges[b]), "high": float(edges[b + 1]), "n": n,
-             "mean_confidence": mean_conf, "share_real": real}
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": n,
+                "mean_confidence": mean_conf,
+                "share_real": real,
+            }
         )
     return float(ece), table

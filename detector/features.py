@@ -196,9 +196,7 @@ class Featurizer:
         ref = self.reference
         row[_F["has_previous"]] = 1.0
         dt = scan.t - previous.t
-        row[_F["signed_log_hours_since_previous"]] = math.copysign(
-            math.log1p(abs(dt) / 3600.0), dt
-        )
+        row[_F["signed_log_hours_since_previous"]] = math.copysign(math.log1p(abs(dt) / 3600.0), dt)
         row[_F["transition_unknown"]] = (previous.etype, scan.etype) not in ref.transitions
         same_site = previous.location == scan.location
         row[_F["same_site"]] = same_site
@@ -213,7 +211,9 @@ class Featurizer:
         elif (
             scan.etype in OUTBOUND_EVENTS
             and scan.etype != 0
-            and not any(s.location == scan.location and s.etype in INBOUND_EVENTS for s in window.scans)
+            and not any(
+                s.location == scan.location and s.etype in INBOUND_EVENTS for s in window.scans
+            )
         ):
             row[_F["outbound_without_inbound"]] = 1.0
             evidence["evtOrderErr"] = {
@@ -222,9 +222,7 @@ class Featurizer:
                 "previous_event_type": EVENT_TYPES[previous.etype],
             }
         elif (
-            not same_site
-            and scan.etype in INBOUND_EVENTS
-            and previous.etype not in OUTBOUND_EVENTS
+            not same_site and scan.etype in INBOUND_EVENTS and previous.etype not in OUTBOUND_EVENTS
         ):
             row[_F["inbound_without_outbound"]] = 1.0
             evidence["evtOrderErr"] = {

@@ -65,13 +65,13 @@ class Inferencer:
             rounds[k].append(i)
         verdicts: list[Verdict | None] = [None] * len(scans)
         for members in rounds:
-            for i, verdict in zip(members, self._round([scans[i] for i in members], windows)):
+            for i, verdict in zip(
+                members, self._round([scans[i] for i in members], windows), strict=True
+            ):
                 verdicts[i] = verdict
         return verdicts  # type: ignore[return-value]
 
-    def _round(
-        self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]
-    ) -> list[Verdict]:
+    def _round(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> list[Verdict]:
         n = len(scans)
         x = np.empty((n, N_FEATURES), dtype=np.float32)
         state = np.zeros((n, 2, self.hidden), dtype=np.float32)
@@ -102,7 +102,7 @@ class Inferencer:
             Verdict(
                 scan,
                 confidence[j],
-                tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j]) if hit),
+                tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit),
                 evidence[j],
             )
             for j, scan in enumerate(scans)
@@ -119,22 +119,43 @@ class Inferencer:
             evidence = verdict.evidence.get(anomaly_type)
             out.append(
                 self._alert(
-                    scan.epc, scan.event_id, anomaly_type, confidence, scan.t,
-                    scan.scan_location, scan.location, evidence, detected_at, names,
+                    scan.epc,
+                    scan.event_id,
+                    anomaly_type,
+                    confidence,
+                    scan.t,
+                    scan.scan_location,
+                    scan.location,
+                    evidence,
+                    detected_at,
+                    names,
                 )
             )
             if anomaly_type == "epcDup" and evidence:
                 other = evidence["other_event_id"]
                 window = windows.get(scan.epc)
-                earlier = next((s for s in window.scans if s.event_id == other), None) if window else None
+                earlier = (
+                    next((s for s in window.scans if s.event_id == other), None) if window else None
+                )
                 if earlier is not None:
-                    mirrored = dict(evidence, other_event_id=scan.event_id,
-                                    location=earlier.location, other_location=scan.location)
+                    mirrored = dict(
+                        evidence,
+                        other_event_id=scan.event_id,
+                        location=earlier.location,
+                        other_location=scan.location,
+                    )
                     out.append(
                         self._alert(
-                            scan.epc, other, anomaly_type, confidence, earlier.t,
-                            names.get(earlier.location, earlier.location), earlier.location,
-                            mirrored, detected_at, names,
+                            scan.epc,
+                            other,
+                            anomaly_type,
+                            confidence,
+                            earlier.t,
+                            names.get(earlier.location, earlier.location),
+                            earlier.location,
+                            mirrored,
+                            detected_at,
+                            names,
                         )
                     )
         return out

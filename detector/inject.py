@@ -145,7 +145,8 @@ class Injector:
         if variant == "format":
             code = f"{header}.{company}.{product}.{lot}.{made}.{serial[:-2]}"
         elif variant == "header":
-            code = f"{self.rng.choice(['002', '100', '999'])}.{company}.{product}.{lot}.{made}.{serial}"
+            fake_header = self.rng.choice(["002", "100", "999"])
+            code = f"{fake_header}.{company}.{product}.{lot}.{made}.{serial}"
         elif variant == "company":
             fresh = company
             while fresh == company or fresh in self.ref.registered_prefixes:
@@ -218,7 +219,11 @@ class Injector:
             same_site = location_of(here) == location_of(after)
             if etype_of(here) in INBOUND_EVENTS and same_site:
                 options.append(("skipped_inbound", i))
-            if etype_of(here) in OUTBOUND_EVENTS and not same_site and etype_of(after) in INBOUND_EVENTS:
+            if (
+                etype_of(here) in OUTBOUND_EVENTS
+                and not same_site
+                and etype_of(after) in INBOUND_EVENTS
+            ):
                 options.append(("skipped_outbound", i))
         for i in range(1, len(rows)):
             if rows[i]["_t"] - rows[i - 1]["_t"] >= self.dup_window_s:

@@ -1,4 +1,4 @@
-"""Offline scoring of a scan file: the same inferencer as the stream, a per-row report, a summary."""
+"""Offline scoring of a scan file: the stream's inferencer, a per-row report, a summary."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def score_records(
 
 
 def _mark(detected: list, confidence: list, row: int, col: int, value: float) -> None:
-    for flags, conf in zip(detected, confidence):
+    for flags, conf in zip(detected, confidence, strict=True):
         if row < len(flags):
             flags[row, col] = 1
             conf[row, col] = max(conf[row, col], value)
@@ -126,8 +126,9 @@ def _mark(detected: list, confidence: list, row: int, col: int, value: float) ->
 
 def _summarise(frame: pd.DataFrame, invalid: list[tuple[int, str]]) -> ScoreSummary:
     if frame.empty:
-        return ScoreSummary(0, 0, 0, {t: 0 for t in ANOMALY_TYPES},
-                            {t: 0 for t in ANOMALY_TYPES}, invalid)
+        return ScoreSummary(
+            0, 0, 0, {t: 0 for t in ANOMALY_TYPES}, {t: 0 for t in ANOMALY_TYPES}, invalid
+        )
     columns = [f"{t}_detected" for t in ANOMALY_TYPES]
     per_item = frame.groupby("epc_code")[columns].max()
     return ScoreSummary(

@@ -64,7 +64,9 @@ def simulate(
 
     settings = _settings()
     begin = datetime.strptime(start, "%Y-%m-%d").replace(tzinfo=UTC)
-    sim = run_simulation(items, seed, settings, anomaly_share, days, begin, network_seed=network_seed)
+    sim = run_simulation(
+        items, seed, settings, anomaly_share, days, begin, network_seed=network_seed
+    )
     paths = write_simulation(sim, output, event_ids=event_ids, separator="," if csv else "\t")
     scans = sum(len(j) for j in sim.journeys.values())
     typer.echo(f"wrote {scans} scans of {len(sim.journeys)} items to {paths['scans']}")
@@ -156,7 +158,8 @@ def train(
         records = (r for _, r in read_scans(history) if isinstance(r, dict))
         sites = pd.read_csv(locations, dtype={"location_id": str}) if locations else None
     else:
-        from producer.simulate import locations_frame, simulate as run_simulation
+        from producer.simulate import locations_frame
+        from producer.simulate import simulate as run_simulation
 
         sim = run_simulation(simulate_items, settings.seed, settings)
         records = (

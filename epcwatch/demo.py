@@ -46,7 +46,10 @@ def _ensure_model(settings: Settings, workdir: Path) -> None:
         for r in history.rows_in_arrival_order()
     )
     path = train_model(
-        records, settings, settings.models_root, locations_frame(history.network),
+        records,
+        settings,
+        settings.models_root,
+        locations_frame(history.network),
         show_progress=sys.stderr.isatty(),
     )
     if settings.model_dir == settings.models_root / "current":
@@ -57,8 +60,11 @@ def _ensure_model(settings: Settings, workdir: Path) -> None:
 def _offsets(settings: Settings, topic: str, group: str | None) -> dict[int, int]:
     """High watermarks of `topic` per partition, or the group's committed offsets."""
     consumer = Consumer(
-        {"bootstrap.servers": settings.bootstrap_servers, "group.id": group or "epcwatch-demo-probe",
-         "enable.auto.commit": False}
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": group or "epcwatch-demo-probe",
+            "enable.auto.commit": False,
+        }
     )
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
@@ -73,8 +79,12 @@ def _offsets(settings: Settings, topic: str, group: str | None) -> dict[int, int
 def _read_alerts(settings: Settings, start: dict[int, int]) -> list[dict]:
     end = _offsets(settings, settings.topic_alerts, None)
     consumer = Consumer(
-        {"bootstrap.servers": settings.bootstrap_servers, "group.id": "epcwatch-demo-reader",
-         "enable.auto.commit": False, "isolation.level": "read_committed"}
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": "epcwatch-demo-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
     )
     consumer.assign([TopicPartition(settings.topic_alerts, p, o) for p, o in start.items()])
     remaining = {p for p in end if end[p] > start.get(p, 0)}
@@ -98,25 +108,33 @@ def run_demo(settings: Settings, items: int, anomaly_share: float, workdir: Path
     _ensure_model(settings, workdir)
 
     seed = int(time.time()) % 1_000_000
-    stream = simulate(items, seed, settings, anomaly_share,
-                      days=5, start=datetime(2025, 7, 20, tzinfo=UTC))
+    stream = simulate(
+        items, seed, settings, anomaly_share, days=5, start=datetime(2025, 7, 20, tzinfo=UTC)
+    )
     paths = write_simulation(stream, workdir / "stream.tsv")
-    typer.echo(f"stream: {paths['scans']} ({len(stream.incidents)} injected incidents, "
-               f"labels in {paths['labels']})")
+    typer.echo(
+        f"stream: {paths['scans']} ({len(stream.incidents)} injected incidents, "
+        f"labels in {paths['labels']})"
+    )
 
     alerts_start = _offsets(settings, settings.topic_alerts, None)
     env = dict(os.environ, EPCWATCH_LOG_FORMAT="json")
     log_path = workdir / "detector.log"
     with log_path.open("w") as log_file:
         detector = subprocess.Popen(
-            [sys.executable, "-m", "epcwatch", "detect"], env=env, stdout=log_file,
+            [sys.executable, "-m", "epcwatch", "detect"],
+            env=env,
+            stdout=log_file,
             stderr=subprocess.STDOUT,
         )
         try:
-            report = publish_scans(read_scans(paths["scans"]), settings,
-                                   show_progress=sys.stderr.isatty())
-            typer.echo(f"published {report.published} scans in {report.seconds:.1f} s; "
-                       "waiting for the detector to commit them")
+            report = publish_scans(
+                read_scans(paths["scans"]), settings, show_progress=sys.stderr.isatty()
+            )
+            typer.echo(
+                f"published {report.published} scans in {report.seconds:.1f} s; "
+                "waiting for the detector to commit them"
+            )
             target = _offsets(settings, settings.topic_scans, None)
             deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
             while time.monotonic() < deadline:
@@ -161,17 +179,22 @@ def _print_summary(stream, alerts: list[dict], workdir: Path) -> int:
         )
         n_alerts = sum(1 for a in alerts if a["anomaly_type"] == anomaly_type)
         false = sum(
-            1 for a in alerts
+            1
+            for a in alerts
             if a["anomaly_type"] == anomaly_type and anomaly_type not in labelled[a["event_id"]]
         )
         all_caught &= caught > 0 or not incidents
-        typer.echo(f"{anomaly_type:<13}{len(incidents):>9}{caught:>8}{n_alerts:>8}{false:>7}"
-                   f"   {ANOMALY_WORDS[anomaly_type]}")
+        typer.echo(
+            f"{anomaly_type:<13}{len(incidents):>9}{caught:>8}{n_alerts:>8}{false:>7}"
+            f"   {ANOMALY_WORDS[anomaly_type]}"
+        )
     typer.echo("")
     for alert in alerts[:5]:
-        typer.echo(f"  e.g. {alert['severity']} {alert['anomaly_type']} "
-                   f"({alert['confidence']:.2f}) {alert['epc_code']}: "
-                   f"{alert['explanation']['text']}")
+        typer.echo(
+            f"  e.g. {alert['severity']} {alert['anomaly_type']} "
+            f"({alert['confidence']:.2f}) {alert['epc_code']}: "
+            f"{alert['explanation']['text']}"
+        )
     typer.echo(f"\nalerts: {workdir / 'alerts.jsonl'}; detector log: {workdir / 'detector.log'}")
     typer.echo(f"offline report of the same stream: epcwatch score {workdir / 'stream.tsv'}")
     return 0 if all_caught else 1

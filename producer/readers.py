@@ -1,4 +1,4 @@
-"""Reading scan files: the raw export (TSV or CSV, detected), with or without eventId, or JSON lines.
+"""Reading scan files: the raw export (TSV or CSV, detected), with or without eventId, or JSONL.
 
 Readers yield `(line_number, record)` for good rows and `(line_number, BadRow)` for rows that
 cannot be read, so callers report bad rows by line instead of skipping them silently.

@@ -108,9 +108,7 @@ def build_network(shape: NetworkShape, rng: random.Random) -> Network:
         ranked = sorted(pool, key=lambda o: haversine_km((site.lat, site.lon), (o.lat, o.lon)))
         return [o.location_id for o in ranked[:k]]
 
-    hubs_of = {
-        w: nearest(sites[w], hubs, shape.hubs_per_warehouse) for w in warehouse_of.values()
-    }
+    hubs_of = {w: nearest(sites[w], hubs, shape.hubs_per_warehouse) for w in warehouse_of.values()}
     wholesalers_of: dict[str, list[str]] = {h.location_id: [] for h in hubs}
     for d in wholesalers:
         for h in nearest(d, hubs, 2):
@@ -367,7 +365,13 @@ def write_simulation(
         for inc in sim.incidents:
             for row in inc.rows:
                 writer.writerow(
-                    [row["eventId"], row["epc_code"], inc.anomaly_type, inc.incident_id, inc.variant]
+                    [
+                        row["eventId"],
+                        row["epc_code"],
+                        inc.anomaly_type,
+                        inc.incident_id,
+                        inc.variant,
+                    ]
                 )
     paths["labels"] = labels
     return paths

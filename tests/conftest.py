@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from config import Settings
-from producer.simulate import locations_frame, simulate
 from detector.features import N_FEATURES, Featurizer
 from detector.reference import Reference
-from detector.schema import EVENT_TYPES, Scan, derive_event_id, parse_event_time, STEP_INDEX
+from detector.schema import EVENT_TYPES, STEP_INDEX, Scan, derive_event_id, parse_event_time
+from producer.simulate import locations_frame, simulate
 
 COMPANY = "8805843"
 GOOD_EPC = f"001.{COMPANY}.3842332.100006.20250701.000008002"
@@ -41,10 +41,20 @@ def settings() -> Settings:
 def reference() -> Reference:
     """F1 → W1 → H1 → D1 → R1, plus a second hub H2, wholesaler D2 and retailer R2 (D2 only)."""
     tiers = {"F1": 0, "W1": 1, "H1": 2, "H2": 2, "D1": 3, "D2": 3, "R1": 4, "R2": 4}
-    routes = [("F1", "W1"), ("W1", "H1"), ("W1", "H2"), ("H1", "D1"), ("H2", "D2"),
-              ("D1", "R1"), ("D2", "R2"), ("H1", "D2")]
-    transitions = {(EVENT_TYPES.index(a[0]), EVENT_TYPES.index(b[0]))
-                   for a, b in zip(JOURNEY, JOURNEY[1:])}
+    routes = [
+        ("F1", "W1"),
+        ("W1", "H1"),
+        ("W1", "H2"),
+        ("H1", "D1"),
+        ("H2", "D2"),
+        ("D1", "R1"),
+        ("D2", "R2"),
+        ("H1", "D2"),
+    ]
+    transitions = {
+        (EVENT_TYPES.index(a[0]), EVENT_TYPES.index(b[0]))
+        for a, b in zip(JOURNEY, JOURNEY[1:], strict=False)
+    }
     return Reference(
         registered_prefixes=frozenset({COMPANY}),
         site_tiers=tiers,
@@ -103,5 +113,6 @@ def trained_model(tmp_path_factory):
         for r in history.rows_in_arrival_order()
     )
     root = tmp_path_factory.mktemp("models")
-    return train_model(records, settings, root, locations_frame(history.network),
-                       show_progress=False)
+    return train_model(
+        records, settings, root, locations_frame(history.network), show_progress=False
+    )

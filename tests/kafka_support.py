@@ -36,8 +36,17 @@ def isolated_settings(model_dir: Path, **overrides) -> Settings:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    for name in ("topic_scans", "topic_alerts", "topic_drift", "topic_dlq", "topic_state",
-                 "group_id", "model_dir", "bootstrap_servers", "batch_max_messages"):
+    for name in (
+        "topic_scans",
+        "topic_alerts",
+        "topic_drift",
+        "topic_dlq",
+        "topic_state",
+        "group_id",
+        "model_dir",
+        "bootstrap_servers",
+        "batch_max_messages",
+    ):
         env[f"EPCWATCH_{name.upper()}"] = str(getattr(settings, name))
     env["EPCWATCH_LOG_FORMAT"] = "json"
     return env
@@ -47,19 +56,30 @@ def run_detector(settings: Settings, idle_exit_s: float = 6.0, timeout_s: float 
     """Run `epcwatch detect` until it has been idle for `idle_exit_s`; returns the process."""
     return subprocess.run(
         [sys.executable, "-m", "epcwatch", "detect", "--idle-exit-s", str(idle_exit_s)],
-        env=settings_env(settings), cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
         check=False,
     )
 
 
 def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
     """Every message on `topic` from the beginning to its current end."""
-    consumer = Consumer({"bootstrap.servers": settings.bootstrap_servers,
-                         "group.id": f"reader-{uuid.uuid4().hex[:6]}",
-                         "enable.auto.commit": False, "isolation.level": "read_committed"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions}
+    ends = {
+        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+        for p in partitions
+    }
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     remaining = {p for p, end in ends.items() if end > 0}
     messages = []

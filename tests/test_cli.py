@@ -40,15 +40,32 @@ def test_score_without_a_model_says_how_to_make_one(tmp_path: Path):
 @pytest.mark.slow
 def test_score_accepts_raw_tsv_and_partial_csv(trained_model, tmp_path: Path):
     sim_dir = tmp_path / "sim"
-    out = runner.invoke(app, ["simulate", "-o", str(sim_dir / "raw.tsv"), "--items", "600",
-                              "--anomaly-share", "0.1", "--no-event-ids", "--seed", "4",
-                              "--start", "2025-07-20", "--days", "4"])
+    out = runner.invoke(
+        app,
+        [
+            "simulate",
+            "-o",
+            str(sim_dir / "raw.tsv"),
+            "--items",
+            "600",
+            "--anomaly-share",
+            "0.1",
+            "--no-event-ids",
+            "--seed",
+            "4",
+            "--start",
+            "2025-07-20",
+            "--days",
+            "4",
+        ],
+    )
     assert out.exit_code == 0, out.output
     items = re.search(r"of (\d+) items", out.output).group(1)
     raw = sim_dir / "raw.tsv"
     report = tmp_path / "report.csv"
-    result = runner.invoke(app, ["score", str(raw), "--model", str(trained_model),
-                                 "-o", str(report)])
+    result = runner.invoke(
+        app, ["score", str(raw), "--model", str(trained_model), "-o", str(report)]
+    )
     assert result.exit_code == 0, result.output
     assert "alert level:" in result.output and f"items analysed: {items}" in result.output
     with report.open() as handle:
@@ -60,19 +77,35 @@ def test_score_accepts_raw_tsv_and_partial_csv(trained_model, tmp_path: Path):
     assert jumps and jumps <= flagged
 
     partial = tmp_path / "partial.csv"
-    keep = ["eventId", "epc_code", "location_id", "scan_location", "business_step",
-            "event_type", "event_time", "product_name"]
+    keep = [
+        "eventId",
+        "epc_code",
+        "location_id",
+        "scan_location",
+        "business_step",
+        "event_type",
+        "event_time",
+        "product_name",
+    ]
     with partial.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, keep)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in keep})
         writer.writerow({"eventId": "bad-1", "epc_code": "", "event_time": "2025-07-20"})
-        writer.writerow({"eventId": "bad-2", "epc_code": "x", "event_time": "not a time",
-                         "location_id": "1", "business_step": "Factory",
-                         "event_type": "Aggregation"})
-    result = runner.invoke(app, ["score", str(partial), "--model", str(trained_model),
-                                 "-o", str(tmp_path / "r2.csv")])
+        writer.writerow(
+            {
+                "eventId": "bad-2",
+                "epc_code": "x",
+                "event_time": "not a time",
+                "location_id": "1",
+                "business_step": "Factory",
+                "event_type": "Aggregation",
+            }
+        )
+    result = runner.invoke(
+        app, ["score", str(partial), "--model", str(trained_model), "-o", str(tmp_path / "r2.csv")]
+    )
     assert result.exit_code == 0, result.output
     assert "missing required field epc_code" in result.output
     assert "event_time is not ISO 8601" in result.output

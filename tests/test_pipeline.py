@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 import pytest
 
 from detector.schema import ANOMALY_TYPES
+from producer.kafka import make_producer
 from producer.publish import publish_scans
 from producer.readers import read_scans
 from producer.simulate import simulate, write_simulation
-from producer.kafka import make_producer
-from tests.kafka_support import isolated_settings, read_all, read_alerts, run_detector
+from tests.kafka_support import isolated_settings, read_alerts, read_all, run_detector
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -68,9 +68,7 @@ def test_clean_stream_of_the_same_size_raises_no_alert(trained_model, tmp_path):
     assert alerts == [], [a["explanation"]["text"] for a in alerts[:5]]
 
 
-def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_pipeline_goes_on(
-    trained_model, tmp_path
-):
+def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_pipeline_goes_on(trained_model, tmp_path):
     settings = isolated_settings(trained_model)
     stream = simulate(200, 8, settings, 0.0, days=3, start=STREAM_START)
     paths = write_simulation(stream, tmp_path / "good.tsv")
@@ -97,6 +95,6 @@ def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_pipeline_goes_on(
     assert any("not JSON" in r for r in reasons)
     assert any("missing required field event_time" in r for r in reasons)
     assert any("exceeds max_message_bytes" in r for r in reasons)
-    assert "scored\": " + str(report.published) in result.stderr or str(report.published) in (
+    assert 'scored": ' + str(report.published) in result.stderr or str(report.published) in (
         result.stderr
     )

@@ -8,13 +8,24 @@ from detector.schema import RAW_COLUMNS, derive_event_id, to_scan
 from producer.readers import BadRow, read_scans
 
 ROW = {
-    "scan_location": "Plant A", "location_id": "12", "hub_type": "Factory",
-    "business_step": "Factory", "event_type": "Aggregation", "operator_id": "1",
-    "device_id": "2", "epc_code": "001.8805843.3842332.100006.20250701.000008002",
-    "epc_header": "001", "epc_company": "8805843", "epc_product": "3842332",
-    "epc_lot": "100006", "epc_manufacture": "20250701", "epc_serial": "000008002",
-    "product_name": "Product 1", "event_time": "2025-07-01 10:45:09",
-    "manufacture_date": "2025-07-01 00:00:00", "expiry_date": "2027-07-01 00:00:00",
+    "scan_location": "Plant A",
+    "location_id": "12",
+    "hub_type": "Factory",
+    "business_step": "Factory",
+    "event_type": "Aggregation",
+    "operator_id": "1",
+    "device_id": "2",
+    "epc_code": "001.8805843.3842332.100006.20250701.000008002",
+    "epc_header": "001",
+    "epc_company": "8805843",
+    "epc_product": "3842332",
+    "epc_lot": "100006",
+    "epc_manufacture": "20250701",
+    "epc_serial": "000008002",
+    "product_name": "Product 1",
+    "event_time": "2025-07-01 10:45:09",
+    "manufacture_date": "2025-07-01 00:00:00",
+    "expiry_date": "2027-07-01 00:00:00",
 }
 
 
@@ -25,8 +36,7 @@ def test_raw_export_tsv_without_event_id(tmp_path: Path):
     [(line, record)] = list(read_scans(path))
     assert line == 2
     scan = to_scan(record)
-    assert scan.event_id == derive_event_id(ROW["epc_code"], ROW["event_time"], "12",
-                                            "Aggregation")
+    assert scan.event_id == derive_event_id(ROW["epc_code"], ROW["event_time"], "12", "Aggregation")
     assert scan.location == "12"
 
 

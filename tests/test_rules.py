@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from tests.conftest import GOOD_EPC, JOURNEY, HOP_BOUND_S, Runner, make_scan
+from tests.conftest import GOOD_EPC, HOP_BOUND_S, JOURNEY, Runner, make_scan
 
 T0 = datetime(2025, 7, 1, 8, 0, 0)
 
@@ -17,7 +19,7 @@ def at(minutes: float) -> str:
 
 def walk(runner: Runner, steps, gaps_min, epc: str = GOOD_EPC) -> list[dict]:
     t, found = 0.0, []
-    for (event_type, step, site), gap in zip(steps, gaps_min):
+    for (event_type, step, site), gap in zip(steps, gaps_min, strict=False):
         t += gap
         found.append(runner.feed(make_scan(event_type, step, site, at(t), epc)))
     return found
@@ -106,17 +108,17 @@ def test_fake_epc_is_flagged_on_every_scan(runner):
 
 def test_manufacture_date_after_first_scan_uses_event_time_not_wall_clock(runner):
     epc = GOOD_EPC.replace("20250701", "20250705")
-    assert walk(runner, JOURNEY[:1], [0], epc)[0]["epcFake"]["defects"] == [
-        "made_after_first_scan"
-    ]
+    assert walk(runner, JOURNEY[:1], [0], epc)[0]["epcFake"]["defects"] == ["made_after_first_scan"]
 
 
-@hsettings(max_examples=60, deadline=None,
-           suppress_health_check=[HealthCheck.function_scoped_fixture])
+@hsettings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     stop=st.integers(min_value=2, max_value=10),
-    gaps=st.lists(st.floats(min_value=HOP_BOUND_S / 60 + 1, max_value=60 * 24 * 30),
-                  min_size=10, max_size=10),
+    gaps=st.lists(
+        st.floats(min_value=HOP_BOUND_S / 60 + 1, max_value=60 * 24 * 30), min_size=10, max_size=10
+    ),
     pallet=st.integers(min_value=1, max_value=5),
 )
 def test_random_valid_journeys_raise_no_alert(reference, settings, stop, gaps, pallet):
