@@ -11,8 +11,9 @@ import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,6 +34,7 @@ class Settings(BaseSettings):
     topic_drift: str = Field("drift-events", description="output topic of drift events")
     topic_dlq: str = Field("scan-events-dlq", description="dead-letter topic for bad input")
     topic_state: str = Field("epcwatch-state", description="compacted changelog of windows")
+    topic_late: str = Field("scan-events-late", description="scans beyond the lateness bound")
     topic_partitions: int = Field(4, ge=1, description="partitions of the scan/state topics")
     topic_replication: int = Field(1, ge=1, description="replication factor of created topics")
     group_id: str = Field("epcwatch-detector", description="detector consumer group")
@@ -44,6 +46,19 @@ class Settings(BaseSettings):
     batch_max_messages: int = Field(2000, ge=1, description="messages per poll batch")
     poll_timeout_s: float = Field(0.5, gt=0, description="wait for a poll batch")
     max_message_bytes: int = Field(65536, ge=256, description="larger scan messages go to DLQ")
+    max_lateness_s: float = Field(
+        7 * 86400, gt=0, description="scans older than the partition's event time by more go late"
+    )
+    commit_retry_s: float = Field(
+        120.0, gt=0, description="how long a failing commit is retried before the process exits"
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics and /health")
+    health_stall_s: float = Field(
+        120.0, gt=0, description="unhealthy when input waits but no batch finished for this long"
+    )
+    model_check_s: float = Field(
+        5.0, gt=0, description="how often a detector looks for a new model"
+    )
     idle_exit_s: float = Field(
         0.0, ge=0, description="exit after this long without input (0: run forever)"
     )
@@ -104,12 +119,35 @@ class Settings(BaseSettings):
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence delta")
     drift_min_scans: int = Field(2000, ge=1, description="normal scans before drift may fire")
     drift_cooldown_s: float = Field(600.0, ge=0, description="one retrain request per cooldown")
+    retrain_history_s: float = Field(
+        7 * 86400, gt=0, description="recent scan history the retrainer reads, by message time"
+    )
+    retrain_margin: float = Field(
+        0.01, ge=0, le=1, description="macro-F1 a candidate may lose and still be promoted"
+    )
+    topic_models: str = Field("model-updates", description="topic announcing model decisions")
 
     # Logs.
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="level")
     log_format: Literal["json", "console", "auto"] = Field(
         "auto", description="json, console, or console on a terminal"
     )
+
+    @field_validator("site_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        if value.upper() != "UTC":
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError) as exc:
+                raise ValueError(f"unknown time zone {value!r} (use e.g. UTC, Asia/Seoul)") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _severities_ordered(self) -> Settings:
+        if self.severity_medium_confidence > self.severity_high_confidence:
+            raise ValueError("severity_medium_confidence must not exceed severity_high_confidence")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -123,6 +161,10 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("EPCWATCH_CONFIG_FILE")
         if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(
+                    f"EPCWATCH_CONFIG_FILE names {config_file}, which is not a readable file"
+                )
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
 

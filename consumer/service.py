@@ -1,26 +1,34 @@
 """The detector service: consume scan events in batches, score them, publish alerts, commit.
 
-At-least-once holds because offsets are committed only after every message the batch produced
-(alerts, dead letters, drift events) is acknowledged by the broker; if anything fails, nothing is
-committed and the batch is replayed after a restart, producing alerts with the same ids.
+At-least-once (the default) holds because a batch's offsets are committed only after every
+message it produced is acknowledged: alerts, dead letters, late scans and drift events first,
+then the window changelog, then the offsets. A crash anywhere before the commit replays the batch;
+replayed alerts keep their `alert_id`, and scans whose window already holds them (the changelog
+was written) are recognised by offset and not applied twice.
+
+Exactly-once runs each batch in one Kafka transaction: outputs, changelog and consumer offsets
+commit together or not at all. An abortable error aborts the transaction and rewinds both the
+input (to the committed offsets) and the windows (re-read from the committed changelog).
 """
 
 from __future__ import annotations
 
 import signal
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 import torch
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from config import Settings
 from consumer.decode import decode_scan
-from consumer.state import WindowStore
-from detector.artifact import load_model
+from consumer.metrics import DetectorMetrics, serve
+from consumer.state import WindowStore, restore_partitions
+from detector.artifact import ModelUnavailable, load_model
 from detector.inferencer import Inferencer
 from detector.schema import Scan
 from drift.monitor import ScoreMonitor
@@ -28,9 +36,10 @@ from producer.kafka import DeliveryTracker, make_producer, produce_with_backpres
 
 log = structlog.get_logger(__name__)
 
-# How often the service logs its progress, in seconds of wall time.
+# How often the service logs its progress and refreshes lag, in seconds of wall time.
 PROGRESS_EVERY_S = 10.0
 FLUSH_TIMEOUT_S = 60.0
+TRANSACTION_TIMEOUT_S = 30.0
 
 
 class DeliveryFailed(RuntimeError):
@@ -42,18 +51,24 @@ class Counters:
     consumed: int = 0
     scored: int = 0
     dead_lettered: int = 0
+    late: int = 0
+    replayed: int = 0
     alerts: Counter[str] = field(default_factory=Counter)
     drift_events: int = 0
     batches: int = 0
+    aborted: int = 0
 
     def as_fields(self) -> dict[str, Any]:
         return {
             "consumed": self.consumed,
             "scored": self.scored,
             "dead_lettered": self.dead_lettered,
+            "late": self.late,
+            "replayed": self.replayed,
             "alerts": dict(self.alerts),
             "drift_events": self.drift_events,
             "batches": self.batches,
+            "aborted": self.aborted,
         }
 
 
@@ -61,20 +76,23 @@ class DetectorService:
     """One detector process in the consumer group."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.processing_guarantee == "exactly_once":
-            raise NotImplementedError(
-                "processing_guarantee=exactly_once is not available yet; "
-                "use at_least_once (the default) and de-duplicate alerts by alert_id"
-            )
         self.settings = settings
+        self.exactly_once = settings.processing_guarantee == "exactly_once"
         torch.set_num_threads(settings.torch_threads)
-        self.inferencer = Inferencer(load_model(settings.model_dir), settings)
+        self.metrics = DetectorMetrics()
+        self.metrics.stall_s = settings.health_stall_s
+        model = load_model(settings.model_dir)
+        self.model_path = settings.model_dir.resolve()
+        self.inferencer = Inferencer(model, settings)
+        self.metrics.set_model(model.version)
         self.windows = WindowStore(settings.state_max_epcs, settings.state_ttl_s)
+        self.watermarks: dict[int, float] = {}
         self.monitor = ScoreMonitor(
             settings.drift_delta, settings.drift_min_scans, settings.drift_cooldown_s
         )
         self.counters = Counters()
         self.stopping = False
+        self.assigned: set[int] = set()
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.bootstrap_servers,
@@ -83,9 +101,19 @@ class DetectorService:
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "max.poll.interval.ms": 300_000,
+                "partition.assignment.strategy": "cooperative-sticky",
             }
         )
-        self.producer = make_producer(settings)
+        extra: dict[str, Any] = {}
+        if self.exactly_once:
+            extra = {
+                "transactional.id": f"{settings.group_id}-{uuid.uuid4().hex[:12]}",
+                "transaction.timeout.ms": int(TRANSACTION_TIMEOUT_S * 1000),
+            }
+        self.producer = make_producer(settings, **extra)
+        if self.exactly_once:
+            self.producer.init_transactions(30)
+        self.server = serve(self.metrics, settings.metrics_port) if settings.metrics_port else None
 
     def request_stop(self, *_: Any) -> None:
         self.stopping = True
@@ -94,18 +122,22 @@ class DetectorService:
         """Consume until SIGTERM/SIGINT (or idle for `idle_exit_s`); returns the counters."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        # Offsets are committed at the end of every batch, before the next poll, and
-        # rebalance callbacks only run inside poll: a revoked partition has nothing pending.
+        # Each batch is committed before the next poll, and rebalance callbacks only run inside
+        # poll: a revoked partition never has work in flight, so revoking needs no time budget.
         self.consumer.subscribe(
-            [self.settings.topic_scans], on_assign=self._on_assign, on_revoke=self._on_revoke
+            [self.settings.topic_scans],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         log.info(
             "detector_started",
             model_version=self.inferencer.version,
             topic=self.settings.topic_scans,
             group=self.settings.group_id,
+            guarantee=self.settings.processing_guarantee,
         )
-        last_input = last_progress = time.monotonic()
+        last_input = last_progress = last_model_check = time.monotonic()
         try:
             while not self.stopping:
                 messages = self.consumer.consume(
@@ -118,8 +150,12 @@ class DetectorService:
                 elif self.settings.idle_exit_s and now - last_input >= self.settings.idle_exit_s:
                     log.info("detector_idle_exit", idle_s=self.settings.idle_exit_s)
                     break
+                if now - last_model_check >= self.settings.model_check_s:
+                    last_model_check = now
+                    self.check_for_new_model()
                 if now - last_progress >= PROGRESS_EVERY_S:
                     last_progress = now
+                    self._refresh_gauges()
                     log.info(
                         "detector_progress",
                         tracked_epcs=len(self.windows),
@@ -128,6 +164,8 @@ class DetectorService:
         finally:
             self.producer.flush(FLUSH_TIMEOUT_S)
             self.consumer.close()
+            if self.server is not None:
+                self.server.shutdown()
             log.info(
                 "detector_stopped",
                 **self.counters.as_fields(),
@@ -137,10 +175,14 @@ class DetectorService:
         return self.counters
 
     def process(self, messages: list[Message]) -> None:
-        """Score one batch, publish its outputs, wait for acks, then commit its offsets."""
+        """Score one batch, publish its outputs, and commit them with its offsets."""
+        started = time.monotonic()
         tracker = DeliveryTracker()
-        scans: list[Scan] = []
         offsets: dict[tuple[str, int], int] = {}
+        scans: list[Scan] = []
+        positions: list[tuple[int, int]] = []
+        if self.exactly_once:
+            self.producer.begin_transaction()
         for message in messages:
             error = message.error()
             if error is not None:
@@ -148,40 +190,59 @@ class DetectorService:
                     log.warning("consume_error", error=str(error))
                 continue
             self.counters.consumed += 1
-            offsets[(message.topic(), message.partition())] = message.offset() + 1
+            partition, offset = message.partition(), message.offset()
+            offsets[(message.topic(), partition)] = offset + 1
             decoded = decode_scan(
                 message.value(), self.settings.max_message_bytes, self.settings.site_timezone
             )
             if isinstance(decoded, str):
-                self._dead_letter(message, decoded, tracker)
-            else:
-                scans.append(decoded)
+                self._side_output(self.settings.topic_dlq, message, decoded, tracker)
+                self.counters.dead_lettered += 1
+                self.metrics.dead_letters.inc()
+                continue
+            if self.windows.applied(decoded.epc, partition, offset):
+                self.counters.replayed += 1
+                self.metrics.replayed.inc()
+                continue
+            watermark = self.watermarks.get(partition, float("-inf"))
+            if decoded.t < watermark - self.settings.max_lateness_s:
+                reason = (
+                    f"event time {decoded.event_time} is more than max_lateness_s="
+                    f"{self.settings.max_lateness_s:.0f} behind the partition's event time"
+                )
+                self._side_output(self.settings.topic_late, message, reason, tracker)
+                self.counters.late += 1
+                self.metrics.late.inc()
+                continue
+            self.watermarks[partition] = max(watermark, decoded.t)
+            scans.append(decoded)
+            positions.append((partition, offset))
 
         if scans:
-            self._score(scans, tracker)
+            self._score(scans, positions, tracker)
         self.windows.expire()
+        if self.exactly_once:
+            self._commit_transaction(offsets)
+        else:
+            self._flush(tracker)
+            self._write_changelog(tracker)
+            self._flush(tracker)
+            self._commit(offsets)
+        self._count_batch(started, len(messages))
 
-        remaining = self.producer.flush(FLUSH_TIMEOUT_S)
-        if remaining or tracker.failed:
-            raise DeliveryFailed(
-                f"{remaining} messages unsent and {len(tracker.failed)} failed "
-                f"(first error: {tracker.failed[0] if tracker.failed else 'timeout'}); "
-                "offsets not committed, the batch will be replayed"
-            )
-        if offsets:
-            self.consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                asynchronous=False,
-            )
-        self.counters.batches += 1
-
-    def _score(self, scans: list[Scan], tracker: DeliveryTracker) -> None:
+    def _score(
+        self, scans: list[Scan], positions: list[tuple[int, int]], tracker: DeliveryTracker
+    ) -> None:
         inferencer = self.inferencer
-        for verdict in inferencer.score(scans, self.windows):
+        verdicts = inferencer.score(scans, self.windows)
+        for verdict, (partition, offset) in zip(verdicts, positions, strict=True):
+            self.windows.mark(verdict.scan.epc, partition, offset)
             self.counters.scored += 1
+            self.metrics.scored.inc()
             if verdict.flagged:
                 for alert in inferencer.alerts(verdict, self.windows):
                     self.counters.alerts[alert.anomaly_type] += 1
+                    self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()
                     produce_with_backpressure(
                         self.producer,
                         self.settings.topic_alerts,
@@ -190,11 +251,15 @@ class DetectorService:
                         on_delivery=tracker,
                     )
                 continue
+            rejected_before = self.monitor.rejected
             drift_event = self.monitor.update(
                 float(verdict.confidence.max()), verdict.scan.t, inferencer.version
             )
+            if self.monitor.rejected > rejected_before:
+                self.metrics.nan_scores.inc()
             if drift_event is not None:
                 self.counters.drift_events += 1
+                self.metrics.drift_events.inc()
                 log.warning("drift_detected", **drift_event.model_dump())
                 produce_with_backpressure(
                     self.producer,
@@ -204,10 +269,87 @@ class DetectorService:
                     on_delivery=tracker,
                 )
 
-    def _dead_letter(self, message: Message, reason: str, tracker: DeliveryTracker) -> None:
-        self.counters.dead_lettered += 1
+    def _write_changelog(self, tracker: DeliveryTracker) -> None:
+        records, tombstones = self.windows.take_changes()
+        topic = self.settings.topic_state
+        for epc, partition, value in records:
+            produce_with_backpressure(
+                self.producer,
+                topic,
+                key=epc.encode(),
+                value=value,
+                partition=partition,
+                on_delivery=tracker,
+            )
+        for epc, partition in tombstones:
+            produce_with_backpressure(
+                self.producer,
+                topic,
+                key=epc.encode(),
+                value=None,
+                partition=partition,
+                on_delivery=tracker,
+            )
+
+    def _flush(self, tracker: DeliveryTracker) -> None:
+        remaining = self.producer.flush(FLUSH_TIMEOUT_S)
+        if remaining or tracker.failed:
+            raise DeliveryFailed(
+                f"{remaining} messages unsent and {len(tracker.failed)} failed "
+                f"(first error: {tracker.failed[0] if tracker.failed else 'timeout'}); "
+                "offsets not committed, the batch will be replayed after a restart"
+            )
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Commit synchronously; while the broker is away, keep retrying for a while."""
+        if not offsets:
+            return
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        deadline = time.monotonic() + self.settings.commit_retry_s
+        while True:
+            try:
+                self.consumer.commit(offsets=partitions, asynchronous=False)
+                return
+            except KafkaException as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("commit_retry", error=str(exc))
+                time.sleep(1.0)
+
+    def _commit_transaction(self, offsets: dict[tuple[str, int], int]) -> None:
+        """Changelog, outputs and offsets in one transaction; abort and rewind on failure."""
+        try:
+            self._write_changelog(DeliveryTracker())
+            if offsets:
+                self.producer.send_offsets_to_transaction(
+                    [TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                    self.consumer.consumer_group_metadata(),
+                    TRANSACTION_TIMEOUT_S,
+                )
+            self.producer.commit_transaction(TRANSACTION_TIMEOUT_S)
+        except KafkaException as exc:
+            error = exc.args[0]
+            if error.fatal() or not error.txn_requires_abort():
+                raise
+            log.warning("transaction_aborted", error=str(error))
+            self.counters.aborted += 1
+            self.producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+            self._rewind()
+
+    def _rewind(self) -> None:
+        """Back to the last committed state: offsets from the group, windows from changelog."""
+        partitions = sorted(self.assigned)
+        topic = self.settings.topic_scans
+        committed = self.consumer.committed([TopicPartition(topic, p) for p in partitions], 30)
+        self.windows.drop_partitions(set(partitions))
+        self._restore(partitions)
+        for tp in committed:
+            self.consumer.seek(TopicPartition(topic, tp.partition, max(tp.offset, 0)))
+
+    def _side_output(self, topic: str, message: Message, reason: str, tracker) -> None:
         log.info(
-            "scan_dead_lettered",
+            "scan_diverted",
+            to=topic,
             topic=message.topic(),
             partition=message.partition(),
             offset=message.offset(),
@@ -215,7 +357,7 @@ class DetectorService:
         )
         produce_with_backpressure(
             self.producer,
-            self.settings.topic_dlq,
+            topic,
             key=message.key(),
             value=message.value(),
             headers=[
@@ -227,10 +369,99 @@ class DetectorService:
             on_delivery=tracker,
         )
 
+    def check_for_new_model(self) -> None:
+        """Switch to the model `model_dir` points at now, between batches; keep the old on error."""
+        target = self.settings.model_dir.resolve()
+        if target == self.model_path:
+            return
+        try:
+            model = load_model(target)
+        except ModelUnavailable as exc:
+            self.metrics.model_load_failures.inc()
+            self.metrics.model_ok = False
+            log.error(
+                "model_refused", path=str(target), error=str(exc), keeping=self.inferencer.version
+            )
+            self.model_path = target
+            return
+        previous = self.inferencer.version
+        self.inferencer = Inferencer(model, self.settings)
+        self.model_path = target
+        # LSTM state belongs to the model that produced it; the new one starts from the window.
+        for window in self.windows.values():
+            window.hidden = None
+        self.metrics.model_ok = True
+        self.metrics.set_model(model.version)
+        log.info("model_switched", previous=previous, model_version=model.version)
+
+    def _restore(self, partitions: list[int]) -> int:
+        reference = self.inferencer.model.reference
+        started = time.monotonic()
+        restored = restore_partitions(
+            self.windows,
+            self.settings.bootstrap_servers,
+            self.settings.topic_state,
+            partitions,
+            reference.registered_prefixes,
+            self.settings.window_scans,
+            self.inferencer.hidden,
+        )
+        for epc, (partition, _) in self.windows.position.items():
+            if partition in partitions:
+                window = self.windows.get(epc)
+                if window is not None:
+                    mark = self.watermarks.get(partition, float("-inf"))
+                    self.watermarks[partition] = max(mark, window.last_t)
+        self.metrics.restored.inc(restored)
+        log.info(
+            "windows_restored",
+            partitions=partitions,
+            windows=restored,
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return restored
+
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        log.info("partitions_assigned", partitions=[p.partition for p in partitions])
+        # Restoring inside the callback means no scan of these partitions can be returned by
+        # poll, and so scored, before its EPC's window is back.
+        numbers = [p.partition for p in partitions]
+        self.assigned.update(numbers)
+        log.info("partitions_assigned", partitions=numbers)
+        self._restore(numbers)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Limitation: windows of revoked partitions stay in memory and are not restored from a
-        # changelog when another process takes the partition over.
-        log.info("partitions_revoked", partitions=[p.partition for p in partitions])
+        numbers = {p.partition for p in partitions}
+        self.assigned -= numbers
+        dropped = self.windows.drop_partitions(numbers)
+        for p in numbers:
+            self.watermarks.pop(p, None)
+        log.info("partitions_revoked", partitions=sorted(numbers), windows_dropped=dropped)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost, not revoked: another member may already own them, so nothing may be committed.
+        log.warning("partitions_lost", partitions=[p.partition for p in partitions])
+        self._on_revoke(consumer, partitions)
+
+    def _count_batch(self, started: float, n_messages: int) -> None:
+        self.counters.batches += 1
+        m = self.metrics
+        m.batch_seconds.observe(time.monotonic() - started)
+        m.last_batch = time.monotonic()
+        m.consumed.inc(n_messages)
+        m.tracked.set(len(self.windows))
+        m.evicted.set(self.windows.evicted)
+        m.expired.set(self.windows.expired)
+
+    def _refresh_gauges(self) -> None:
+        topic = self.settings.topic_scans
+        waiting = False
+        try:
+            positions = self.consumer.position([TopicPartition(topic, p) for p in self.assigned])
+        except KafkaException:
+            return
+        for tp in positions:
+            _, high = self.consumer.get_watermark_offsets(tp, cached=True) or (0, 0)
+            lag = max(0, high - tp.offset) if tp.offset >= 0 else high
+            waiting |= lag > 0
+            self.metrics.lag.labels(partition=str(tp.partition)).set(lag)
+        self.metrics.input_waiting = waiting

@@ -1,19 +1,38 @@
-"""Where per-EPC windows live while the detector runs, and how they stay bounded.
+"""Where per-EPC windows live while the detector runs, how they stay bounded, and how they survive.
 
 Windows are kept in least-recently-updated order. Two bounds hold: a window whose EPC has not
 been scanned for `state_ttl_s` of event time expires, and past `state_max_epcs` the least recently
 updated window is evicted. Both are counted, so operators see when history is being dropped.
+
+Every changed window is written to a compacted changelog topic keyed by EPC, in the partition of
+the scan that changed it (the changelog is co-partitioned with the scan topic), and a dropped
+window is written as a tombstone. A detector that is assigned a partition reads that changelog
+partition to its end before it scores any scan of the partition. Each changelog record carries
+the offset of the last scan applied, so a scan replayed after a crash is recognised and not
+applied twice.
 """
 
 from __future__ import annotations
 
+import base64
 from collections import OrderedDict
+from collections.abc import Iterable
 
-from detector.features import EpcWindow
+import numpy as np
+import orjson
+import structlog
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from detector.epc import inspect_epc
+from detector.features import EpcWindow, WindowScan
+
+log = structlog.get_logger(__name__)
+
+CHANGELOG_FORMAT = 1
 
 
 class WindowStore(OrderedDict[str, EpcWindow]):
-    """A mapping EPC → window with expiry by event time and a cap with eviction."""
+    """A mapping EPC → window with expiry by event time, a cap with eviction, and positions."""
 
     def __init__(self, max_epcs: int, ttl_s: float) -> None:
         super().__init__()
@@ -22,15 +41,35 @@ class WindowStore(OrderedDict[str, EpcWindow]):
         self.evicted = 0
         self.expired = 0
         self.watermark = float("-inf")  # the latest event time applied to any window
+        # EPC → (partition, offset of the last scan applied): ownership and replay detection.
+        self.position: dict[str, tuple[int, int]] = {}
+        self.changed: set[str] = set()
+        self.dropped: dict[str, int] = {}  # EPC → partition, for tombstones
 
     def __setitem__(self, epc: str, window: EpcWindow) -> None:
         super().__setitem__(epc, window)
         self.move_to_end(epc)
+        self.changed.add(epc)
         if window.last_t > self.watermark:
             self.watermark = window.last_t
         while len(self) > self.max_epcs:
-            self.popitem(last=False)
+            self._drop_oldest()
             self.evicted += 1
+
+    def _drop_oldest(self) -> None:
+        epc, _ = self.popitem(last=False)
+        self.changed.discard(epc)
+        position = self.position.pop(epc, None)
+        if position is not None:
+            self.dropped[epc] = position[0]
+
+    def applied(self, epc: str, partition: int, offset: int) -> bool:
+        """Whether the scan at (partition, offset) is already in this EPC's window."""
+        position = self.position.get(epc)
+        return position is not None and position[0] == partition and offset <= position[1]
+
+    def mark(self, epc: str, partition: int, offset: int) -> None:
+        self.position[epc] = (partition, offset)
 
     def expire(self) -> int:
         """Drop windows idle for longer than the TTL in event time; returns how many.
@@ -41,10 +80,126 @@ class WindowStore(OrderedDict[str, EpcWindow]):
         horizon = self.watermark - self.ttl_s
         dropped = 0
         while self:
-            epc, window = next(iter(self.items()))
+            window = next(iter(self.values()))
             if window.last_t >= horizon:
                 break
-            self.popitem(last=False)
+            self._drop_oldest()
             dropped += 1
         self.expired += dropped
         return dropped
+
+    def drop_partitions(self, partitions: set[int]) -> int:
+        """Forget the windows of partitions this process no longer owns."""
+        gone = [epc for epc, (p, _) in self.position.items() if p in partitions]
+        for epc in gone:
+            self.pop(epc, None)
+            self.position.pop(epc, None)
+            self.changed.discard(epc)
+            self.dropped.pop(epc, None)
+        return len(gone)
+
+    def take_changes(self) -> tuple[list[tuple[str, int, bytes]], list[tuple[str, int]]]:
+        """Changelog records for this batch: (EPC, partition, value) and tombstones."""
+        records = []
+        for epc in self.changed:
+            window = self.get(epc)
+            position = self.position.get(epc)
+            if window is not None and position is not None:
+                records.append((epc, position[0], encode_window(window, position[1])))
+        tombstones = list(self.dropped.items())
+        self.changed.clear()
+        self.dropped.clear()
+        return records, tombstones
+
+
+def encode_window(window: EpcWindow, offset: int) -> bytes:
+    """A window as a changelog value (compact JSON; the LSTM state as base64 float32)."""
+    hidden = window.hidden
+    return orjson.dumps(
+        {
+            "v": CHANGELOG_FORMAT,
+            "o": offset,
+            "f": window.first_t,
+            "l": window.last_t,
+            "s": [[s.t, s.location, s.tier, s.etype, s.event_id, s.side] for s in window.scans],
+            "h": base64.b64encode(hidden.astype(np.float32).tobytes()).decode()
+            if hidden is not None
+            else None,
+        }
+    )
+
+
+def decode_window(
+    epc: str, value: bytes, registered: frozenset[str], size: int, hidden_size: int
+) -> tuple[EpcWindow, int]:
+    """A changelog value back into a window and the offset of its last applied scan."""
+    data = orjson.loads(value)
+    window = EpcWindow(inspect_epc(epc, registered), float(data["f"]), size)
+    window.last_t = float(data["l"])
+    window.scans.extend(
+        WindowScan(float(t), str(loc), int(tier), int(et), str(eid), bool(side))
+        for t, loc, tier, et, eid, side in data["s"]
+    )
+    if data.get("h"):
+        hidden = np.frombuffer(base64.b64decode(data["h"]), dtype=np.float32)
+        if hidden.size == 2 * hidden_size:
+            window.hidden = hidden.reshape(2, hidden_size).copy()
+    return window, int(data["o"])
+
+
+def restore_partitions(
+    store: WindowStore,
+    bootstrap_servers: str,
+    topic: str,
+    partitions: Iterable[int],
+    registered: frozenset[str],
+    window_size: int,
+    hidden_size: int,
+) -> int:
+    """Load the changelog of `partitions` into `store`, reading each to its current end."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": "epcwatch-state-restore",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    restored = 0
+    try:
+        ends = {}
+        for p in partitions:
+            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+        if not ends:
+            return 0
+        reader.assign([TopicPartition(topic, p, 0) for p in ends])
+        remaining = set(ends)
+        while remaining:
+            for message in reader.consume(10000, 1.0):
+                p = message.partition()
+                if message.error():
+                    if message.error().code() == KafkaError._PARTITION_EOF:
+                        remaining.discard(p)
+                    continue
+                epc = message.key().decode()
+                if message.value() is None:
+                    store.pop(epc, None)
+                    store.position.pop(epc, None)
+                else:
+                    window, offset = decode_window(
+                        epc, message.value(), registered, window_size, hidden_size
+                    )
+                    OrderedDict.__setitem__(store, epc, window)
+                    store.move_to_end(epc)
+                    store.position[epc] = (p, offset)
+                    store.watermark = max(store.watermark, window.last_t)
+                    restored += 1
+                if message.offset() + 1 >= ends[p]:
+                    remaining.discard(p)
+    finally:
+        reader.close()
+    store.changed.clear()
+    return restored

@@ -19,6 +19,7 @@ from detector.alert import Alert, Explanation, alert_id, explain, now_iso, sever
 from detector.artifact import LoadedModel
 from detector.features import N_FEATURES, EpcWindow, Evidence, Featurizer
 from detector.schema import ANOMALY_TYPES, Scan
+from detector.train import EXACT_TYPES
 
 RULE_NAMES = {
     "epcFake": "epc_structure",
@@ -48,6 +49,10 @@ class Inferencer:
         self.slopes = np.array([model.scalers[t].slope for t in ANOMALY_TYPES], np.float32)
         self.intercepts = np.array([model.scalers[t].intercept for t in ANOMALY_TYPES], np.float32)
         self.thresholds = np.array([model.thresholds[t] for t in ANOMALY_TYPES], np.float32)
+        self.rule_confidence = np.array(
+            [_rule_precision(model.meta, t) for t in ANOMALY_TYPES], np.float32
+        )
+        self.exact = np.array([t in EXACT_TYPES for t in ANOMALY_TYPES])
 
     @property
     def version(self) -> str:
@@ -97,7 +102,16 @@ class Inferencer:
 
         z = np.clip(logits.numpy() * self.slopes + self.intercepts, -40.0, 40.0)
         confidence = 1.0 / (1.0 + np.exp(-z))
-        flagged = confidence >= self.thresholds
+        # A type is flagged only where its check found evidence: exact checks on that alone,
+        # learned types only when the model also scores the scan past the type's threshold. A
+        # model score without evidence (an input unlike anything in training) raises nothing.
+        evidence_found = np.array([[t in e for t in ANOMALY_TYPES] for e in evidence]).reshape(
+            n, len(ANOMALY_TYPES)
+        )
+        flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
+        confidence = np.where(
+            evidence_found & self.exact, np.maximum(confidence, self.rule_confidence), confidence
+        )
         return [
             Verdict(
                 scan,
@@ -197,3 +211,11 @@ class Inferencer:
                 model_score=round(confidence, 4),
             ),
         )
+
+
+def _rule_precision(meta: dict, anomaly_type: str) -> float:
+    """Smoothed precision of a type's rule on the validation split: its confidence alone."""
+    scores = meta.get("metrics", {}).get("per_type", {}).get(anomaly_type, {}).get("rules_only")
+    if not scores:
+        return 0.5
+    return (scores["tp"] + 1.0) / (scores["tp"] + scores["fp"] + 2.0)

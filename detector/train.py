@@ -27,7 +27,7 @@ from tqdm import tqdm
 from config import Settings
 from detector.artifact import save_model
 from detector.calibration import PlattScaler, fit_platt, reliability
-from detector.features import N_FEATURES, RULE_FEATURES, Featurizer
+from detector.features import FEATURE_NAMES, N_FEATURES, RULE_FEATURES, Featurizer
 from detector.inject import Incident, Injector, Row
 from detector.model import ScanLSTM
 from detector.reference import learn_reference
@@ -35,6 +35,8 @@ from detector.schema import ANOMALY_TYPES, InvalidScan, to_scan
 
 log = structlog.get_logger(__name__)
 
+# Types whose rule is exact: decided by the rule, the model only adds confidence.
+EXACT_TYPES = ("epcFake", "epcDup")
 # Journeys longer than this are cut for training; real ones have at most 10 scans plus clones.
 MAX_TRAIN_SCANS = 16
 
@@ -216,12 +218,21 @@ def calibrate(
     for i, anomaly_type in enumerate(ANOMALY_TYPES):
         scaler = fit_platt(logits[:, i], labels[:, i].astype(float))
         confidence = scaler.apply(logits[:, i])
-        cut = choose_threshold(confidence, labels[:, i])
-        flagged = confidence >= cut
+        # Decisions as the inferencer makes them: a rule's evidence is required, and for the
+        # learned types the model's confidence must pass the cut chosen here as well.
+        gated = np.where(rules[:, i], confidence, 0.0)
+        cut = choose_threshold(gated, labels[:, i])
+        if anomaly_type in EXACT_TYPES:
+            flagged = rules[:, i]
+        else:
+            flagged = rules[:, i] & (confidence >= cut)
         ece, table = reliability(confidence[flagged], labels[flagged, i].astype(float))
         scalers[anomaly_type], thresholds[anomaly_type] = scaler, cut
         metrics["per_type"][anomaly_type] = {
             "combined": _scores(flagged, labels[:, i]),
+            "model_alone": _scores(
+                confidence >= choose_threshold(confidence, labels[:, i]), labels[:, i]
+            ),
             "rules_only": _scores(rules[:, i], labels[:, i]),
             "threshold": cut,
             "ece_of_alerts": ece,
@@ -237,8 +248,16 @@ def train_model(
     out_root: Path,
     locations: pd.DataFrame | None = None,
     show_progress: bool = True,
+    masked_features: tuple[str, ...] = (),
 ) -> Path:
-    """Train a model from history records and write it as `out_root/<version>`."""
+    """Train a model from history records and write it as `out_root/<version>`.
+
+    `masked_features` names feature columns the LSTM never sees (zeroed before scaling, in
+    training and at inference); the names are stored with the model.
+    """
+    unknown = [name for name in masked_features if name not in FEATURE_NAMES]
+    if unknown:
+        raise ValueError(f"unknown features to mask: {unknown}; known: {list(FEATURE_NAMES)}")
     started = time.monotonic()
     torch.set_num_threads(settings.torch_threads)
     journeys = group_journeys(records, settings.site_timezone)
@@ -263,8 +282,10 @@ def train_model(
     train = featurize_journeys(train_set, featurizer, detection_labels(train_incidents))
     valid = featurize_journeys(valid_set, featurizer, detection_labels(valid_incidents))
 
-    net = ScanLSTM(N_FEATURES, settings.lstm_hidden_size)
+    masked = tuple(FEATURE_NAMES.index(name) for name in masked_features)
+    net = ScanLSTM(N_FEATURES, settings.lstm_hidden_size, masked)
     flat = train.x[train.mask]
+    flat[:, list(masked)] = 0.0
     net.feature_mean.copy_(torch.from_numpy(flat.mean(0)))
     net.feature_scale.copy_(torch.from_numpy(np.maximum(flat.std(0), 1e-3)))
     fit = _fit(net, train, valid, settings, show_progress)
@@ -285,7 +306,15 @@ def train_model(
         **fit,
     }
     path = save_model(
-        out_root / version, version, net, reference, scalers, thresholds, metrics, training
+        out_root / version,
+        version,
+        net,
+        reference,
+        scalers,
+        thresholds,
+        metrics,
+        training,
+        tuple(masked_features),
     )
     log.info("model_saved", path=str(path), version=version, seconds=training["seconds"])
     return path

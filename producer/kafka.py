@@ -66,7 +66,9 @@ def topic_specs(settings: Settings) -> list[NewTopic]:
         NewTopic(settings.topic_alerts, p, r),
         NewTopic(settings.topic_dlq, p, r),
         NewTopic(settings.topic_drift, 1, r),
+        NewTopic(settings.topic_models, 1, r),
         NewTopic(settings.topic_state, p, r, config={"cleanup.policy": "compact"}),
+        NewTopic(settings.topic_late, p, r),
     ]
 
 
