@@ -13,6 +13,7 @@ help:
 	@echo "make kafka-up    start a local single-node Apache Kafka (KRaft) on 127.0.0.1:9092"
 	@echo "make kafka-down  stop that broker"
 	@echo "make lint        ruff"
+	@echo "make bench       measure throughput, latency and memory (bench/results/)"
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ test-fast: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+bench: venv kafka-up
+	$(VENV)/bin/epcwatch bench
 
 clean:
 	rm -rf out .pytest_cache

@@ -51,6 +51,7 @@ def save_model(
     thresholds: dict[str, float],
     metrics: dict[str, Any],
     training: dict[str, Any],
+    masked_features: tuple[str, ...] = (),
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), directory / WEIGHTS_FILE)
@@ -61,6 +62,7 @@ def save_model(
         "feature_names": list(FEATURE_NAMES),
         "anomaly_types": list(ANOMALY_TYPES),
         "hidden_size": net.hidden_size,
+        "masked_features": list(masked_features),
         "calibration": {t: [s.slope, s.intercept] for t, s in scalers.items()},
         "thresholds": thresholds,
         "metrics": metrics,
@@ -94,7 +96,17 @@ def load_model(directory: Path) -> LoadedModel:
         raise ModelUnavailable(
             f"model at {directory} was trained on other features; retrain it with this version"
         )
-    net = ScanLSTM(len(FEATURE_NAMES), int(meta["hidden_size"]))
+    masked = meta.get("masked_features", [])
+    unknown = [name for name in masked if name not in FEATURE_NAMES]
+    if unknown:
+        raise ModelUnavailable(
+            f"model at {directory} masks unknown features {unknown}; retrain it with this version"
+        )
+    net = ScanLSTM(
+        len(FEATURE_NAMES),
+        int(meta["hidden_size"]),
+        tuple(FEATURE_NAMES.index(name) for name in masked),
+    )
     try:
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         net.load_state_dict(state)

@@ -3,6 +3,9 @@
 A unidirectional LSTM reads an EPC's scans in arrival order and emits one logit per anomaly type
 per scan. Training runs it over whole journeys; the streaming inferencer runs `step`, carrying
 each EPC's (h, c) between scans, so a new scan costs O(1) whatever the window length.
+
+Masked features are zeroed before scaling, in training and at inference alike; the evaluation
+uses this to train a model that never sees the rule checks (the "model-only" ablation).
 """
 
 from __future__ import annotations
@@ -16,15 +19,22 @@ from detector.schema import ANOMALY_TYPES
 class ScanLSTM(nn.Module):
     """Feature scaling, one LSTM layer, and a linear head with one logit per anomaly type."""
 
-    def __init__(self, n_features: int, hidden_size: int) -> None:
+    def __init__(self, n_features: int, hidden_size: int, masked: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.masked = tuple(masked)
         self.register_buffer("feature_mean", torch.zeros(n_features))
         self.register_buffer("feature_scale", torch.ones(n_features))
+        keep = torch.ones(n_features)
+        keep[list(self.masked)] = 0.0
+        # Not persistent: the artifact stores the masked feature names, not the mask.
+        self.register_buffer("feature_keep", keep, persistent=False)
         self.lstm = nn.LSTM(n_features, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, len(ANOMALY_TYPES))
 
     def scale(self, x: torch.Tensor) -> torch.Tensor:
+        if self.masked:
+            x = x * self.feature_keep
         return (x - self.feature_mean) / self.feature_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ app = typer.Typer(
 def _settings(**overrides: object) -> Settings:
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    except ValidationError as exc:
+    except (ValidationError, FileNotFoundError) as exc:
         typer.secho(f"invalid configuration:\n{exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
     from epcwatch.logs import configure_logging
@@ -174,6 +174,49 @@ def train(
 
 
 @app.command()
+def evaluate(
+    output: Annotated[Path, typer.Option("-o", "--out", help="report directory")] = Path(
+        "docs/evaluation"
+    ),
+    history_items: Annotated[int, typer.Option(help="history items per network")] = 16000,
+    stream_items: Annotated[int, typer.Option(help="labelled stream items per network")] = 10000,
+    seeds: Annotated[str, typer.Option(help="network seeds, comma-separated")] = "1,2,3",
+) -> None:
+    """Measure detection on simulated networks the model never saw scored.
+
+    Per network seed (each with its own shape): train on simulated history, score a later
+    labelled stream; report per type precision, recall, F1, false alarms per 10k clean
+    events, confusion, rules-only vs LSTM-only vs combined, and calibration (markdown, JSON,
+    PNG).
+
+    Example: epcwatch evaluate --out docs/evaluation --history-items 16000 --seeds 1,2,3
+    """
+    from detector.evaluate import run_evaluation
+    from producer import simulate as simulator
+
+    settings = _settings()
+    try:
+        network_seeds = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        raise _fail(f"--seeds takes comma-separated integers, got {seeds!r}") from exc
+    command = (
+        f"epcwatch evaluate --out {output} --history-items {history_items} "
+        f"--stream-items {stream_items} --seeds {','.join(map(str, network_seeds))}"
+    )
+    results = run_evaluation(
+        simulator, settings, output, network_seeds, history_items, stream_items, command
+    )
+    for network in results["networks"]:
+        for name, target in network["targets"].items():
+            verdict = "met" if target["met"] else "MISSED"
+            typer.echo(
+                f"network {network['network_seed']}: {name} {target['measured']:.4f} "
+                f"(target {target['target']}) {verdict}"
+            )
+    typer.echo(f"report: {output}")
+
+
+@app.command()
 def detect(
     model: Annotated[Path | None, typer.Option(help="model directory")] = None,
     idle_exit_s: Annotated[
@@ -251,6 +294,116 @@ def score(
 
 
 @app.command()
+def retrain(
+    once: Annotated[
+        bool, typer.Option("--once", help="handle one retrain request, then exit")
+    ] = False,
+) -> None:
+    """Run the retrainer: turn retrain requests on the drift topic into model decisions.
+
+    For each request it reads recent scan history by timestamp, trains a candidate, scores
+    candidate and current model on held-out EPCs with injected anomalies, promotes the
+    candidate only if it is not worse by more than retrain_margin, and announces the decision
+    on the model-updates topic. Runs until SIGTERM/SIGINT.
+
+    Example: epcwatch retrain --once
+    """
+    from drift.retrain import RetrainWorker, UpdateNotAcknowledged
+    from producer.kafka import BrokerUnavailable, ensure_topics
+
+    settings = _settings()
+    try:
+        ensure_topics(settings)
+        updates = RetrainWorker(settings).run(once=once)
+    except (BrokerUnavailable, UpdateNotAcknowledged) as exc:
+        raise _fail(str(exc)) from exc
+    for update in updates:
+        typer.echo(
+            f"{update.decision}: {update.candidate_version or 'no candidate'} "
+            f"(current {update.current_version or 'none'}): {update.reason}"
+        )
+
+
+@app.command()
+def models(
+    root: Annotated[Path | None, typer.Option(help="models root (default: models/)")] = None,
+) -> None:
+    """List model versions, oldest first, with their evaluation numbers; * marks current.
+
+    Shows validation macro-F1 and per-type F1 from training, and for retrained candidates
+    the retrain decision with candidate and compared model's macro-F1 on recent data.
+
+    Example: epcwatch models
+    """
+    from detector.schema import ANOMALY_TYPES
+    from drift.retrain import model_versions
+
+    settings = _settings()
+    root = root or settings.models_root
+    if not root.is_dir():
+        raise _fail(f"no models root at {root} — train one with `epcwatch train`")
+    rows = list(model_versions(root))
+    if not rows:
+        raise _fail(f"no models under {root} — train one with `epcwatch train`")
+    short = {"epcFake": "fake", "epcDup": "dup", "locErr": "loc", "evtOrderErr": "ord"}
+    typer.echo(
+        f"  {'version':<26} {'created (UTC)':<17} {'val F1':>6}  "
+        + " ".join(f"{short.get(t, t):>5}" for t in ANOMALY_TYPES)
+        + "  retrain"
+    )
+    for row in rows:
+        f1 = row["validation_f1"]
+        macro = row["validation_macro_f1"]
+        retrained = row["retrain"]
+        verdict = ""
+        if retrained:
+            current = retrained.get("current") or {}
+            verdict = (
+                f"{retrained['decision']} ({retrained['candidate']['macro_f1']:.3f} vs "
+                f"{current.get('macro_f1', float('nan')):.3f})"
+            )
+        typer.echo(
+            f"{'*' if row['current'] else ' '} {row['version']:<26} "
+            f"{row['created']:%Y-%m-%d %H:%M}  "
+            f"{'-' if macro is None else format(macro, '.3f'):>6}  "
+            + " ".join(f"{f1[t]:>5.2f}" if t in f1 else f"{'-':>5}" for t in ANOMALY_TYPES)
+            + f"  {verdict}"
+        )
+
+
+@app.command()
+def rollback(
+    version: Annotated[str, typer.Argument(help="model version to make current")],
+    root: Annotated[Path | None, typer.Option(help="models root (default: models/)")] = None,
+) -> None:
+    """Point models/current at an earlier (or any kept) model version.
+
+    The version must be listed by `epcwatch models` and must load; running detectors switch to
+    it between batches.
+
+    Example: epcwatch rollback 20250701T120000-1a2b3c4d
+    """
+    from detector.artifact import ModelUnavailable, load_model, promote
+    from drift.retrain import model_versions
+
+    settings = _settings()
+    root = root or settings.models_root
+    known = [row["version"] for row in model_versions(root)] if root.is_dir() else []
+    if version not in known:
+        listed = ", ".join(known[-5:]) or "none"
+        raise _fail(
+            f"no model version {version!r} under {root}; known versions (latest): {listed}. "
+            "See `epcwatch models`."
+        )
+    try:
+        load_model(root / version)
+    except ModelUnavailable as exc:
+        raise _fail(f"refusing to roll back to {version}: {exc}") from exc
+    promote(root, version)
+    typer.echo(f"{root / 'current'} -> {version}")
+
+
+@app.command()
 def topics() -> None:
     """Create the topics epcwatch uses (if missing) and show their partition counts.
 
@@ -308,6 +461,38 @@ def tail(
         pass
     finally:
         consumer.close()
+
+
+@app.command()
+def bench(
+    scans: Annotated[int, typer.Option(help="scans in the simulated stream")] = 1_000_000,
+    rate: Annotated[float, typer.Option(help="input rate of the latency run, scans/s")] = 5000.0,
+    latency_s: Annotated[float, typer.Option(help="length of the latency run (0: skip)")] = 30.0,
+    train_scans: Annotated[
+        int, typer.Option(help="history scans for the training time (0: skip)")
+    ] = 250_000,
+    results: Annotated[Path, typer.Option(help="where the JSON goes")] = Path("bench/results"),
+) -> None:
+    """Measure throughput, latency and memory on the local broker, on topics of its own.
+
+    Publishes a simulated stream once, then measures the bare consume rate (the ceiling), the
+    detector end to end, alert latency at a fixed rate, memory per EPC, scoring and training.
+    Prints a table and writes JSON named by date. Training defaults to 250,000 scans because
+    1,000,000 takes longer than five minutes on two shared cores.
+
+    Example: epcwatch bench --scans 100000 --latency-s 10 --train-scans 0
+    """
+    from epcwatch.bench import BenchError, BenchOptions, format_report, run_bench, write_results
+    from producer.kafka import BrokerUnavailable
+
+    settings = _settings()
+    options = BenchOptions(scans, rate, latency_s, train_scans, results_dir=results)
+    try:
+        measured = run_bench(settings, options)
+    except (BrokerUnavailable, BenchError) as exc:
+        raise _fail(str(exc)) from exc
+    typer.echo(format_report(measured))
+    typer.echo(f"results: {write_results(measured, results)}")
 
 
 @app.command()
