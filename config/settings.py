@@ -94,6 +94,9 @@ class Settings(BaseSettings):
         0.5, gt=0, le=1, description="a hop faster than factor x quantile is a jump"
     )
     min_route_support: int = Field(3, ge=1, description="shipments before a route is known")
+    min_route_share: float = Field(
+        0.03, ge=0, le=1, description="share of an origin's shipments that makes a route known"
+    )
     min_route_bound_shipments: int = Field(
         20, ge=1, description="shipments before a route's own hop times set its bound"
     )

@@ -14,6 +14,7 @@ input (to the committed offsets) and the windows (re-read from the committed cha
 from __future__ import annotations
 
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -75,8 +76,9 @@ class Counters:
 class DetectorService:
     """One detector process in the consumer group."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
         self.settings = settings
+        self.stop = stop or threading.Event()
         self.exactly_once = settings.processing_guarantee == "exactly_once"
         torch.set_num_threads(settings.torch_threads)
         self.metrics = DetectorMetrics()
@@ -91,7 +93,6 @@ class DetectorService:
             settings.drift_delta, settings.drift_min_scans, settings.drift_cooldown_s
         )
         self.counters = Counters()
-        self.stopping = False
         self.assigned: set[int] = set()
         self.consumer = Consumer(
             {
@@ -116,7 +117,7 @@ class DetectorService:
         self.server = serve(self.metrics, settings.metrics_port) if settings.metrics_port else None
 
     def request_stop(self, *_: Any) -> None:
-        self.stopping = True
+        self.stop.set()
 
     def run(self) -> Counters:
         """Consume until SIGTERM/SIGINT (or idle for `idle_exit_s`); returns the counters."""
@@ -139,7 +140,7 @@ class DetectorService:
         )
         last_input = last_progress = last_model_check = time.monotonic()
         try:
-            while not self.stopping:
+            while not self.stop.is_set():
                 messages = self.consumer.consume(
                     self.settings.batch_max_messages, self.settings.poll_timeout_s
                 )
@@ -417,6 +418,7 @@ class DetectorService:
             "windows_restored",
             partitions=partitions,
             windows=restored,
+            tracked_epcs=len(self.windows),
             seconds=round(time.monotonic() - started, 3),
         )
         return restored

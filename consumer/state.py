@@ -202,4 +202,7 @@ def restore_partitions(
     finally:
         reader.close()
     store.changed.clear()
+    while len(store) > store.max_epcs:
+        store._drop_oldest()  # the cap holds for restored windows too
+        store.evicted += 1
     return restored

@@ -55,6 +55,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_route_shipments",
     "route_share_of_origin",
     "log_origin_shipments",
+    "log_distance_over_typical",
 )
 N_FEATURES = len(FEATURE_NAMES)
 _F = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -240,6 +241,9 @@ class Featurizer:
         row[_F["log_route_shipments"]] = math.log1p(shipments) / 5.0
         row[_F["route_share_of_origin"]] = shipments / from_origin if from_origin else 0.0
         row[_F["log_origin_shipments"]] = math.log1p(from_origin) / 5.0
+        ratio = ref.distance_ratio(previous.location, scan.location, previous.tier, tier)
+        if ratio is not None:
+            row[_F["log_distance_over_typical"]] = max(-3.0, min(3.0, math.log(ratio + 1e-3))) / 3
         if dt >= 0 and bound > 0:
             row[_F["log_hop_over_bound"]] = max(-5.0, min(5.0, math.log(max(dt, 1.0) / bound)))
             if dt < bound:

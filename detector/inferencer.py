@@ -41,8 +41,10 @@ class Verdict:
 class Inferencer:
     """Scores scans against their windows with one loaded model."""
 
-    def __init__(self, model: LoadedModel, settings: Settings) -> None:
+    def __init__(self, model: LoadedModel, settings: Settings, rules_gate: bool = True) -> None:
+        """`rules_gate=False` flags on the model's confidence alone (the LSTM-only ablation)."""
         self.model = model
+        self.rules_gate = rules_gate
         self.settings = settings
         self.featurizer = Featurizer(model.reference, settings)
         self.hidden = model.net.hidden_size
@@ -108,10 +110,18 @@ class Inferencer:
         evidence_found = np.array([[t in e for t in ANOMALY_TYPES] for e in evidence]).reshape(
             n, len(ANOMALY_TYPES)
         )
+        if not self.rules_gate:
+            return self._verdicts(scans, confidence, confidence >= self.thresholds, evidence)
         flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
         confidence = np.where(
             evidence_found & self.exact, np.maximum(confidence, self.rule_confidence), confidence
         )
+        return self._verdicts(scans, confidence, flagged, evidence)
+
+    @staticmethod
+    def _verdicts(
+        scans: list[Scan], confidence: np.ndarray, flagged: np.ndarray, evidence: list[Evidence]
+    ) -> list[Verdict]:
         return [
             Verdict(
                 scan,

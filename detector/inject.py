@@ -292,7 +292,10 @@ class Injector:
         old_site = location_of(arrival)
         bound, _ = self.ref.hop_bound(origin, site, tier_of(before), 4)
         gap = arrival["_t"] - before["_t"]
-        shift = max(0.0, 3 * bound - gap)
+        # Keep the real travel time when it is plausible for the new route; otherwise draw one.
+        # A fixed multiple of the bound would teach the model a tell-tale hop time.
+        wanted = gap if gap >= 1.5 * bound else bound * self.rng.uniform(1.5, 6.0)
+        shift = wanted - gap
         for row in rows[i:]:
             if location_of(row) == old_site:
                 row["location_id"] = site

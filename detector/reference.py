@@ -56,7 +56,16 @@ class Reference:
         return self.stats.get("origin_shipments", {}).get(origin, 0)
 
     def route_known(self, origin: str, destination: str) -> bool:
-        return self.route_support.get((origin, destination), 0) >= self.min_route_support
+        """Seen often enough, absolutely or as a share of what its origin ships.
+
+        A quiet distributor's real customers are seen only a few times each; one odd shipment
+        from a busy one is a tiny share of its traffic.
+        """
+        support = self.route_support.get((origin, destination), 0)
+        if support >= self.min_route_support:
+            return True
+        share = self.stats.get("min_route_share", 1.0)
+        return support > 0 and support >= share * self.origin_shipments(origin)
 
     def hop_bound(
         self, origin: str, destination: str, origin_tier: int, destination_tier: int
@@ -74,6 +83,21 @@ class Reference:
             if physical >= learned:
                 return physical, "distance"
         return learned, source
+
+    def distance_ratio(
+        self, origin: str, destination: str, origin_tier: int, destination_tier: int
+    ) -> float | None:
+        """Hop distance over the median distance of known routes between the same tiers.
+
+        Suppliers serve nearby sites, so a hop much longer than usual for its tiers is a hint
+        of a wrong destination; None without coordinates.
+        """
+        a = self.coordinates.get(origin)
+        b = self.coordinates.get(destination)
+        typical = self.stats.get("tier_median_km", {}).get(f"{origin_tier}-{destination_tier}")
+        if a is None or b is None or not typical:
+            return None
+        return haversine_km(a, b) / typical
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -176,6 +200,7 @@ def learn_reference(
         for row in locations.itertuples(index=False):
             coordinates[str(row.location_id)] = (float(row.latitude), float(row.longitude))
 
+    tier_median_km = _tier_median_km(hops, route_support, coordinates, settings.min_route_support)
     return Reference(
         registered_prefixes=prefixes | frozenset(settings.registered_prefixes),
         site_tiers={str(k): int(v) for k, v in site_tiers.items()},
@@ -196,6 +221,8 @@ def learn_reference(
             ),
             "registered_prefixes": len(prefixes),
             "origin_shipments": {str(k): int(v) for k, v in origin_shipments.items()},
+            "tier_median_km": tier_median_km,
+            "min_route_share": settings.min_route_share,
         },
     )
 
@@ -215,3 +242,25 @@ def _supported_pairs(
     pairs = pd.DataFrame({"a": first.to_numpy(), "b": second.to_numpy(), "d": departed.to_numpy()})
     support = pairs.groupby(["a", "b"])["d"].nunique()
     return frozenset((int(a), int(b)) for (a, b), n in support.items() if n >= min_support)
+
+
+def _tier_median_km(
+    hops: pd.DataFrame,
+    route_support: dict,
+    coordinates: dict[str, tuple[float, float]],
+    min_support: int,
+) -> dict[str, float]:
+    """Median length of the known routes between each pair of tiers, where coordinates exist."""
+    lengths: dict[str, list[float]] = {}
+    pairs = hops[["origin", "destination", "origin_tier", "destination_tier"]].drop_duplicates()
+    for row in pairs.itertuples(index=False):
+        a, b = coordinates.get(str(row.origin)), coordinates.get(str(row.destination))
+        if (
+            a is None
+            or b is None
+            or route_support.get((row.origin, row.destination), 0) < min_support
+        ):
+            continue
+        key = f"{int(row.origin_tier)}-{int(row.destination_tier)}"
+        lengths.setdefault(key, []).append(haversine_km(a, b))
+    return {k: float(np.median(v)) for k, v in lengths.items() if np.median(v) > 0}

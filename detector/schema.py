@@ -161,6 +161,9 @@ def to_scan(record: dict[str, Any], zone: str = "UTC") -> Scan:
     if not isinstance(record, dict):
         raise InvalidScan(f"a scan event must be a JSON object, got {type(record).__name__}")
     for field in REQUIRED_FIELDS:
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise InvalidScan(f"{field} must be a string, got {type(value).__name__}")
         if not _text(record, field):
             raise InvalidScan(f"missing required field {field}")
     location = _text(record, "location_id") or _text(record, "scan_location")

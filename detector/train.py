@@ -141,6 +141,41 @@ def rule_flags(x: np.ndarray) -> np.ndarray:
     )
 
 
+# Rule checks that mark a history journey as suspect. An unknown route is not among them: the
+# validation split meets legitimately rare routes the training split's network never showed.
+SUSPECT_FEATURES = tuple(
+    sorted(
+        {i for columns in RULE_FEATURES.values() for i in columns}
+        - {FEATURE_NAMES.index("route_unknown")}
+    )
+)
+
+
+def drop_suspect_journeys(journeys: dict[str, list[Row]], featurizer: Featurizer) -> int:
+    """Remove journeys a rule check flags; return how many went.
+
+    History has no labels, so an anomaly already in it would be taught as normal and pull the
+    model's confidence down on the very pattern the rule names. Such journeys are left out of
+    training and calibration; the reference data still counts them (minimum support and low
+    quantiles keep a few of them from becoming normal).
+    """
+    suspect = []
+    row = np.zeros(N_FEATURES, dtype=np.float32)
+    for epc, rows in journeys.items():
+        window = None
+        for record in sorted(rows, key=lambda r: r["_arrival"]):
+            scan = to_scan(record)
+            if window is None:
+                window = featurizer.new_window(scan)
+            featurizer.step(window, scan, row)
+            if (row[list(SUSPECT_FEATURES)] > 0.5).any():
+                suspect.append(epc)
+                break
+    for epc in suspect:
+        del journeys[epc]
+    return len(suspect)
+
+
 def _fit(net: ScanLSTM, train: Tensors, valid: Tensors, settings: Settings, show: bool) -> dict:
     torch.manual_seed(settings.seed)
     xt, yt, mt = (torch.from_numpy(a) for a in (train.x, train.y, train.mask))
@@ -265,6 +300,7 @@ def train_model(
         raise ValueError(
             f"history has only {len(journeys.by_epc)} EPCs; training needs a few thousand"
         )
+    history_frame = scan_frame(journeys.by_epc)  # before anything is injected
     rng = random.Random(settings.seed)
     epcs = sorted(journeys.by_epc)
     rng.shuffle(epcs)
@@ -275,10 +311,15 @@ def train_model(
     scalars = {k: v for k, v in reference.stats.items() if not isinstance(v, dict)}
     log.info("reference_learned", **scalars, invalid_rows=journeys.invalid)
 
+    featurizer = Featurizer(reference, settings)
+    suspects = {
+        "train": drop_suspect_journeys(train_set, featurizer),
+        "validation": drop_suspect_journeys(valid_set, featurizer),
+    }
+    log.info("suspect_history_dropped", **suspects)
     injector = Injector(reference, rng, settings.dup_window_s, settings.max_epc_age_days)
     train_incidents = injector.inject(train_set, settings.train_anomaly_share)
     valid_incidents = injector.inject(valid_set, settings.train_anomaly_share)
-    featurizer = Featurizer(reference, settings)
     train = featurize_journeys(train_set, featurizer, detection_labels(train_incidents))
     valid = featurize_journeys(valid_set, featurizer, detection_labels(valid_incidents))
 
@@ -290,6 +331,9 @@ def train_model(
     net.feature_scale.copy_(torch.from_numpy(np.maximum(flat.std(0), 1e-3)))
     fit = _fit(net, train, valid, settings, show_progress)
     scalers, thresholds, metrics = calibrate(net, valid)
+    # Training and calibration needed a network learned without the validation EPCs; the
+    # detector gets the network learned from all of history, which knows more rare routes.
+    reference = learn_reference(history_frame, settings, locations)
 
     digest = hashlib.blake2b(digest_size=4)
     for tensor in net.state_dict().values():
@@ -301,6 +345,7 @@ def train_model(
         "invalid_rows": journeys.invalid,
         "train_epcs": len(train_set),
         "validation_epcs": len(valid_set),
+        "suspect_epcs_dropped": suspects,
         "injected_incidents": {"train": len(train_incidents), "validation": len(valid_incidents)},
         "seconds": round(time.monotonic() - started, 1),
         **fit,

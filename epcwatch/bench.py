@@ -41,7 +41,7 @@ log = structlog.get_logger(__name__)
 # Scans per simulated item on average; used to size the simulation from a scan count.
 SCANS_PER_ITEM = 4.7
 # Items whose whole journeys are replayed under tracemalloc to measure bytes per EPC.
-MEMORY_SAMPLE_EPCS = 20_000
+MEMORY_SAMPLE_EPCS = 5_000
 # After the last scan is produced, wait this long without a new alert before stopping.
 LATENCY_DRAIN_S = 5.0
 DETECTOR_START_TIMEOUT_S = 90.0
@@ -217,9 +217,10 @@ def topic_names(settings: Settings) -> list[str]:
     ]
 
 
-def delete_topics(settings: Settings) -> None:
+def delete_topics(settings: Settings, keep: Iterable[str] = ()) -> None:
     admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
-    for topic, future in admin.delete_topics(topic_names(settings)).items():
+    topics = [t for t in topic_names(settings) if t not in set(keep)]
+    for topic, future in admin.delete_topics(topics).items():
         try:
             future.result()
         except Exception as exc:  # noqa: BLE001 - a topic that was never created is fine
@@ -347,6 +348,7 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
         """Times the batches; stops once the whole stream has been consumed."""
 
         first = last = 0.0
+        tracked = rss_end = 0
 
         def process(self, messages: list[Message]) -> None:
             if not self.first:
@@ -354,6 +356,8 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
             super().process(messages)
             self.last = time.perf_counter()
             if self.counters.consumed >= target:
+                # Windows may be dropped when the group is left, so they are counted here.
+                self.tracked, self.rss_end = len(self.windows), rss_bytes()
                 self.stopping = True
 
     try:
@@ -364,7 +368,7 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
     rss_before = rss_bytes()
     counters = service.run()
     seconds = service.last - service.first
-    tracked = len(service.windows)
+    tracked = service.tracked
     out.put(
         {
             "available": True,
@@ -377,34 +381,62 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
             "rate_per_s": counters.consumed / seconds if seconds > 0 else math.nan,
             "tracked_epcs": tracked,
             "rss_start_mb": round(rss_before / 2**20, 1),
-            "rss_end_mb": round(rss_bytes() / 2**20, 1),
+            "rss_end_mb": round(service.rss_end / 2**20, 1),
             "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-            "rss_bytes_per_epc": round((rss_bytes() - rss_before) / tracked) if tracked else None,
+            "rss_bytes_per_epc": round((service.rss_end - rss_before) / tracked)
+            if tracked
+            else None,
         }
     )
 
 
-def detector_rate(settings: Settings, expected: int, guarantee: str) -> dict[str, Any]:
+def guarantee_settings(settings: Settings, guarantee: str) -> Settings:
+    """The bench settings for one guarantee: the same scan topic, outputs and state of its own
+    (a shared changelog would make the second run see every scan as already applied)."""
+    outputs = {
+        name: f"{value}-{guarantee}"
+        for name, value in settings.model_dump().items()
+        if name.startswith("topic_") and isinstance(value, str) and name != "topic_scans"
+    }
+    return settings.model_copy(
+        update={
+            **outputs,
+            "group_id": f"{settings.group_id}-{guarantee}",
+            "processing_guarantee": guarantee,
+        }
+    )
+
+
+def detector_rate(settings: Settings, expected: int) -> dict[str, Any]:
     """The detector's sustained rate over the whole stream, in a process of its own."""
+    from producer.kafka import ensure_topics
+
+    ensure_topics(settings)
+    guarantee = settings.processing_guarantee
     overrides = {
         name: getattr(settings, name)
-        for name in (*(n for n in Settings.model_fields if n.startswith("topic_")), "model_dir")
+        for name in Settings.model_fields
+        if name.startswith("topic_") or name in ("model_dir", "group_id", "processing_guarantee")
     }
-    overrides["group_id"] = f"{settings.group_id}-{guarantee}"
-    overrides["processing_guarantee"] = guarantee
     context = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue = context.Queue()
     child = context.Process(target=_detector_child, args=(overrides, expected, out))
     child.start()
+    deadline = time.monotonic() + CONSUME_TIMEOUT_S * 2
     try:
-        result = out.get(timeout=CONSUME_TIMEOUT_S * 2)
-    except queue.Empty as exc:
-        raise BenchError(f"the {guarantee} detector returned no result") from exc
+        while True:
+            try:
+                return out.get(timeout=1.0)
+            except queue.Empty:
+                if not child.is_alive() or time.monotonic() > deadline:
+                    raise BenchError(
+                        f"the {guarantee} detector ended without a result "
+                        f"(exit code {child.exitcode}); see its log above"
+                    ) from None
     finally:
         child.join(60)
         if child.is_alive():
             child.terminate()
-    return result
 
 
 def _detector_env(settings: Settings) -> dict[str, str]:
@@ -714,7 +746,11 @@ def _measure(
     out["consume_and_decode"] = raw_consume(settings, expected, decode=True)
     for guarantee in ("at_least_once", "exactly_once"):
         log.info("bench_phase", phase="detector", guarantee=guarantee)
-        out[f"detector_{guarantee}"] = detector_rate(settings, expected, guarantee)
+        run_settings = guarantee_settings(settings, guarantee)
+        try:
+            out[f"detector_{guarantee}"] = detector_rate(run_settings, expected)
+        finally:
+            delete_topics(run_settings, keep=[settings.topic_scans])
 
     if options.latency_s > 0:
         log.info("bench_phase", phase="latency", rate_per_s=options.rate_per_s)

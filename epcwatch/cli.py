@@ -229,6 +229,13 @@ def detect(
 
     Example: epcwatch detect --model models/current
     """
+    import signal
+    import threading
+
+    # Installed before the slow imports, so a SIGTERM during start-up also ends cleanly.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     from consumer.service import DetectorService
     from detector.artifact import ModelUnavailable
     from producer.kafka import BrokerUnavailable, ensure_topics
@@ -236,8 +243,8 @@ def detect(
     settings = _settings(model_dir=model, idle_exit_s=idle_exit_s)
     try:
         ensure_topics(settings)
-        service = DetectorService(settings)
-    except (ModelUnavailable, BrokerUnavailable, NotImplementedError) as exc:
+        service = DetectorService(settings, stop)
+    except (ModelUnavailable, BrokerUnavailable) as exc:
         raise _fail(str(exc)) from exc
     service.run()
 
@@ -417,7 +424,7 @@ def topics() -> None:
     except BrokerUnavailable as exc:
         raise _fail(str(exc)) from exc
     for topic, partitions in counts.items():
-        typer.echo(f"{topic:<24} {partitions} partitions")
+        typer.echo(f"{topic:<24} {partitions} partition{'s' if partitions != 1 else ''}")
 
 
 @app.command()

@@ -95,7 +95,11 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, int]
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise
+    wanted = {spec.topic for spec in topic_specs(settings)}
     metadata = admin.list_topics(timeout=10).topics
+    while not wanted <= set(metadata) and time.monotonic() < deadline:
+        time.sleep(0.2)  # newly created topics reach the metadata a moment later
+        metadata = admin.list_topics(timeout=10).topics
     return {
         spec.topic: len(metadata[spec.topic].partitions)
         for spec in topic_specs(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -100,3 +101,67 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
 
 def read_alerts(settings: Settings) -> list[dict]:
     return [orjson.loads(m.value()) for m in read_all(settings, settings.topic_alerts)]
+
+
+def start_detector(settings: Settings, idle_exit_s: float = 0.0, **env_overrides: str):
+    """Start `epcwatch detect` in the background; the caller ends it (by its PID)."""
+    env = settings_env(settings)
+    env.update({f"EPCWATCH_{k.upper()}": str(v) for k, v in env_overrides.items()})
+    args = [sys.executable, "-m", "epcwatch", "detect"]
+    if idle_exit_s:
+        args += ["--idle-exit-s", str(idle_exit_s)]
+    # Logs go to a file: a pipe nobody reads would fill up and stall the detector.
+    log = tempfile.NamedTemporaryFile(prefix="detector-", suffix=".log", delete=False)
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+
+
+def committed_all(settings: Settings) -> bool:
+    """Whether the detector group has committed every scan on the scan topic."""
+    topic = settings.topic_scans
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        tps = [TopicPartition(topic, p) for p in partitions]
+        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        return all(
+            committed[p] >= consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        )
+    finally:
+        consumer.close()
+
+
+def labelled_events(incidents) -> dict[str, set[str]]:
+    labels: dict[str, set[str]] = {}
+    for incident in incidents:
+        for row in incident.rows:
+            labels.setdefault(row["eventId"], set()).add(incident.anomaly_type)
+    return labels
+
+
+def check_alerts_against_labels(alerts: list[dict], incidents, min_recall: float = 0.9) -> None:
+    """Each type caught on its labelled events; almost no alert on an unlabelled event."""
+    from detector.schema import ANOMALY_TYPES
+
+    labels = labelled_events(incidents)
+    by_type: dict[str, set[str]] = {}
+    for alert in alerts:
+        by_type.setdefault(alert["anomaly_type"], set()).add(alert["event_id"])
+    for anomaly_type in ANOMALY_TYPES:
+        mine = [i for i in incidents if i.anomaly_type == anomaly_type]
+        flagged = by_type.get(anomaly_type, set())
+        caught = [i for i in mine if {r["eventId"] for r in i.rows} & flagged]
+        missed = [
+            [(r["eventId"], r["event_type"], r["event_time"], r["epc_code"]) for r in i.rows]
+            for i in mine
+            if i not in caught
+        ]
+        assert len(caught) >= min_recall * len(mine), (anomaly_type, len(caught), len(mine), missed)
+        wrong = {e for e in flagged if anomaly_type not in labels.get(e, set())}
+        assert len(wrong) <= max(1, 0.02 * len(flagged)), (anomaly_type, sorted(wrong)[:5])

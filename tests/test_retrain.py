@@ -172,12 +172,12 @@ def test_a_retrain_request_trains_a_candidate_promotes_and_announces_it(small_mo
 
 
 def worse_trainer(records, settings, root, locations) -> Path:
-    """A real candidate, then sabotaged: every scan gets confidence 0.5 for every type."""
+    """A real candidate, then sabotaged: it forgets every registered company prefix, so every
+    item looks counterfeit to it."""
     path = train_candidate(records, settings, root, locations)
-    meta = json.loads((path / META_FILE).read_text())
-    meta["calibration"] = {t: [0.0, 0.0] for t in meta["calibration"]}
-    meta["thresholds"] = {t: 0.05 for t in meta["thresholds"]}
-    (path / META_FILE).write_text(json.dumps(meta))
+    reference = json.loads((path / "reference.json").read_text())
+    reference["registered_prefixes"] = []
+    (path / "reference.json").write_text(json.dumps(reference))
     return path
 
 

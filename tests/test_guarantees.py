@@ -1,0 +1,298 @@
+"""Nothing lost, nothing doubled: killed processes, group changes, shutdown, bad input, state.
+
+Every test runs real detector processes against the real broker and kills them for real.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+
+from consumer.state import WindowStore, decode_window, encode_window
+from detector.epc import inspect_epc
+from detector.features import EpcWindow, WindowScan
+from producer.kafka import make_producer
+from producer.publish import publish_scans
+from producer.readers import read_scans
+from producer.simulate import simulate, write_simulation
+from tests.kafka_support import (
+    check_alerts_against_labels,
+    committed_all,
+    isolated_settings,
+    read_alerts,
+    read_all,
+    run_detector,
+    start_detector,
+)
+
+STREAM_START = datetime(2025, 7, 20, tzinfo=UTC)
+
+
+def test_window_round_trips_through_the_changelog_codec():
+    epc = "001.8805843.3842332.100006.20250701.000008002"
+    window = EpcWindow(inspect_epc(epc, frozenset({"8805843"})), 1.75e9, 12)
+    window.scans.append(WindowScan(1.75e9, "101", 1, 1, "e1", False))
+    window.scans.append(WindowScan(1.75e9 + 30, "205", 1, 1, "e2", True))
+    window.last_t = 1.75e9 + 30
+    window.hidden = __import__("numpy").arange(64, dtype="float32").reshape(2, 32)
+    back, offset = decode_window(epc, encode_window(window, 41), frozenset({"8805843"}), 12, 32)
+    assert offset == 41
+    assert list(back.scans) == list(window.scans)
+    assert (back.first_t, back.last_t) == (window.first_t, window.last_t)
+    assert (back.hidden == window.hidden).all()
+    assert back.facts == window.facts
+
+
+def test_store_bounds_count_evictions_and_expiry_and_emit_tombstones():
+    store = WindowStore(max_epcs=3, ttl_s=100)
+    facts = inspect_epc("x", frozenset())
+    for i in range(5):
+        window = EpcWindow(facts, 1000.0 + i, 4)
+        store[f"e{i}"] = window
+        store.mark(f"e{i}", i % 2, i)
+    assert len(store) == 3 and store.evicted == 2
+    late = EpcWindow(facts, 2000.0, 4)
+    store["e9"] = late
+    store.mark("e9", 0, 9)
+    assert store.expire() == 2  # e3, e4 are more than 100 s of event time behind
+    records, tombstones = store.take_changes()
+    assert {epc for epc, _ in tombstones} >= {"e0", "e1"}
+    assert [epc for epc, _, _ in records] == ["e9"]
+    assert store.applied("e9", 0, 9) and not store.applied("e9", 0, 10)
+
+
+def _publish_slowly(settings, path, rate: float) -> threading.Thread:
+    thread = threading.Thread(
+        target=publish_scans,
+        args=(read_scans(path), settings),
+        kwargs={"rate_per_s": rate, "show_progress": False},
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def _wait_committed(settings, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not committed_all(settings):
+        assert time.monotonic() < deadline, "the group never caught up"
+        time.sleep(1.0)
+
+
+def _duplicates_share_ids(alerts: list[dict]) -> None:
+    ids_per_alert: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for alert in alerts:
+        ids_per_alert[(alert["event_id"], alert["anomaly_type"])].add(alert["alert_id"])
+    assert all(len(ids) == 1 for ids in ids_per_alert.values())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigkill_five_times_while_the_stream_flows_loses_no_alert(trained_model, tmp_path):
+    settings = isolated_settings(trained_model, batch_max_messages=300)
+    stream = simulate(2500, 21, settings, 0.06, days=5, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "stream.tsv")
+    publisher = _publish_slowly(settings, paths["scans"], rate=700)
+    rng = random.Random(5)
+    kills = 0
+    while kills < 5:
+        detector = start_detector(settings)
+        time.sleep(rng.uniform(3.0, 5.0))
+        if detector.poll() is None:
+            detector.send_signal(signal.SIGKILL)
+            detector.wait(30)
+            kills += 1
+    publisher.join(120)
+    final = run_detector(settings, idle_exit_s=6.0)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert committed_all(settings)
+
+    alerts = read_alerts(settings)
+    check_alerts_against_labels(alerts, stream.incidents)
+    _duplicates_share_ids(alerts)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_exactly_once_with_kills_has_no_duplicates(trained_model, tmp_path):
+    settings = isolated_settings(
+        trained_model, batch_max_messages=300, processing_guarantee="exactly_once"
+    )
+    stream = simulate(1500, 22, settings, 0.06, days=5, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "stream.tsv")
+    publisher = _publish_slowly(settings, paths["scans"], rate=700)
+    rng = random.Random(6)
+    for _ in range(3):
+        detector = start_detector(settings, processing_guarantee="exactly_once")
+        time.sleep(rng.uniform(3.0, 5.0))
+        if detector.poll() is None:
+            detector.send_signal(signal.SIGKILL)
+            detector.wait(30)
+    publisher.join(120)
+    final = run_detector(settings, idle_exit_s=6.0)
+    assert final.returncode == 0, final.stderr[-3000:]
+    alerts = read_alerts(settings)  # read_committed: aborted transactions are invisible
+    keys = [(a["event_id"], a["anomaly_type"]) for a in alerts]
+    assert len(keys) == len(set(keys)), "exactly-once produced a duplicate alert"
+    check_alerts_against_labels(alerts, stream.incidents)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_group_grows_to_three_and_shrinks_to_one_with_the_same_alerts(trained_model, tmp_path):
+    settings = isolated_settings(trained_model, batch_max_messages=300)
+    stream = simulate(2500, 23, settings, 0.06, days=5, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "stream.tsv")
+    publisher = _publish_slowly(settings, paths["scans"], rate=800)
+    first = start_detector(settings)
+    time.sleep(4)
+    second = start_detector(settings)
+    time.sleep(4)
+    third = start_detector(settings)
+    time.sleep(4)
+    for extra in (second, third):
+        extra.send_signal(signal.SIGTERM)
+        assert extra.wait(60) == 0
+    publisher.join(120)
+    _wait_committed(settings)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 0
+
+    alerts = read_alerts(settings)
+    check_alerts_against_labels(alerts, stream.incidents)
+    _duplicates_share_ids(alerts)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_commits_and_a_restart_without_input_raises_nothing(trained_model, tmp_path):
+    settings = isolated_settings(trained_model)
+    stream = simulate(600, 24, settings, 0.05, days=3, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "stream.tsv")
+    publish_scans(read_scans(paths["scans"]), settings, show_progress=False)
+    detector = start_detector(settings)
+    _wait_committed(settings)
+    detector.send_signal(signal.SIGTERM)
+    assert detector.wait(60) == 0
+    before = read_alerts(settings)
+    assert before
+
+    again = run_detector(settings, idle_exit_s=4.0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(read_alerts(settings)) == len(before)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_ten_thousand_fuzzed_messages_all_reach_the_dlq_and_alerts_stay_right(
+    trained_model, tmp_path
+):
+    settings = isolated_settings(trained_model)
+    stream = simulate(1500, 25, settings, 0.06, days=4, start=STREAM_START)
+    paths = write_simulation(stream, tmp_path / "stream.tsv")
+    rng = random.Random(7)
+    good = [r for _, r in read_scans(paths["scans"])]
+    bad = [_fuzz(rng, rng.choice(good)) for _ in range(10_000)]
+    producer = make_producer(settings)
+    queue = [(True, r) for r in good] + [(False, b) for b in bad]
+    rng.shuffle(queue)
+    # Keep each EPC's good scans in file order: only their interleaving with bad ones is random.
+    good_iter = iter(good)
+    for is_good, item in queue:
+        if is_good:
+            record = next(good_iter)
+            producer.produce(
+                settings.topic_scans,
+                key=record["epc_code"].encode(),
+                value=orjson.dumps(record),
+            )
+        else:
+            producer.produce(settings.topic_scans, key=b"fuzz", value=item)
+        producer.poll(0)
+    producer.flush(30)
+
+    result = run_detector(settings, idle_exit_s=6.0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    dead = read_all(settings, settings.topic_dlq)
+    assert len(dead) == len(bad)
+    assert all(dict(m.headers()).get("reason") for m in dead)
+    check_alerts_against_labels(read_alerts(settings), stream.incidents)
+
+
+def _fuzz(rng: random.Random, record: dict) -> bytes:
+    choice = rng.randrange(6)
+    if choice == 0:
+        return rng.randbytes(rng.randrange(1, 200))
+    if choice == 1:
+        return orjson.dumps(record)[: rng.randrange(1, 40)]
+    broken = dict(record)
+    if choice == 2:
+        broken.pop(rng.choice(["epc_code", "event_time", "business_step", "event_type"]))
+    elif choice == 3:
+        broken["event_time"] = rng.choice(["yesterday", "2025-13-40 99:99:99", "", "12"])
+    elif choice == 4:
+        broken["epc_code"] = rng.choice([None, 12, [], {"a": 1}, True])
+    else:
+        broken["event_type"] = rng.choice(["Teleport", "", "pos_sell"])
+    return orjson.dumps(broken)
+
+
+@pytest.mark.integration
+def test_a_burst_into_a_tiny_producer_queue_waits_instead_of_failing():
+    from producer.kafka import DeliveryTracker, produce_with_backpressure
+    from tests.kafka_support import isolated_settings as fresh
+
+    settings = fresh(__import__("pathlib").Path("unused"))
+    producer = make_producer(settings, **{"queue.buffering.max.messages": 500})
+    tracker = DeliveryTracker()
+    for i in range(50_000):
+        produce_with_backpressure(
+            producer,
+            settings.topic_alerts,
+            key=str(i).encode(),
+            value=b"x" * 64,
+            on_delivery=tracker,
+        )
+    assert producer.flush(60) == 0
+    assert tracker.delivered == 50_000 and not tracker.failed
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_many_distinct_epcs_stay_within_the_state_bound_across_a_restart(trained_model):
+    settings = isolated_settings(trained_model, state_max_epcs=5000)
+    producer = make_producer(settings)
+    n = 30_000
+    for i in range(n):
+        epc = f"001.8805843.3842332.100006.20250701.{i:09d}"
+        record = {
+            "epc_code": epc,
+            "event_time": "2025-07-20 10:00:00",
+            "location_id": "100",
+            "business_step": "Factory",
+            "event_type": "Aggregation",
+        }
+        producer.produce(settings.topic_scans, key=epc.encode(), value=orjson.dumps(record))
+        producer.poll(0)
+    producer.flush(30)
+    first = run_detector(settings, idle_exit_s=5.0)
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped = orjson.loads(
+        next(line for line in first.stderr.splitlines() if '"detector_stopped"' in line)
+    )
+    assert stopped["scored"] == n
+    assert stopped["evicted"] >= n - 5000
+
+    second = run_detector(settings, idle_exit_s=3.0)
+    assert second.returncode == 0, second.stderr[-3000:]
+    restored = [
+        orjson.loads(line) for line in second.stderr.splitlines() if '"windows_restored"' in line
+    ]
+    assert restored and all(r["tracked_epcs"] <= 5000 for r in restored)

@@ -1,0 +1,34 @@
+"""The inferencer's decisions on inputs unlike anything in training."""
+
+from __future__ import annotations
+
+import pytest
+
+from config import Settings
+from detector.artifact import load_model
+from detector.inferencer import Inferencer
+from tests.conftest import make_scan
+
+pytestmark = pytest.mark.slow
+
+
+def test_unknown_site_and_bad_code_still_flags_counterfeit_and_nothing_else(trained_model):
+    inferencer = Inferencer(load_model(trained_model), Settings())
+    windows: dict = {}
+    scans = [
+        make_scan("Aggregation", "Factory", "999", "2025-07-20 02:13:00", epc="ABC"),
+        make_scan("WMS_Inbound", "WMS", "1", "2025-07-20 05:13:00", epc="x"),
+    ]
+    verdicts = inferencer.score(scans, windows)
+    assert [v.flagged for v in verdicts] == [("epcFake",), ("epcFake",)]
+    assert all(v.confidence[0] >= 0.9 for v in verdicts)
+
+
+def test_a_model_score_without_rule_evidence_raises_nothing(trained_model):
+    inferencer = Inferencer(load_model(trained_model), Settings())
+    inferencer.thresholds[:] = 0.0  # the model alone would flag every type everywhere
+    epc = "001.8805843.3842332.100006.20250701.000008002"
+    verdicts = inferencer.score(
+        [make_scan("Aggregation", "Factory", "999", "2025-07-20 02:13:00", epc=epc)], {}
+    )
+    assert set(verdicts[0].flagged) <= {"epcFake"}  # its company is not registered
