@@ -271,23 +271,12 @@ class DetectorService:
                 )
 
     def _write_changelog(self, tracker: DeliveryTracker) -> None:
-        records, tombstones = self.windows.take_changes()
-        topic = self.settings.topic_state
-        for epc, partition, value in records:
+        for epc, partition, value in self.windows.take_changes():
             produce_with_backpressure(
                 self.producer,
-                topic,
+                self.settings.topic_state,
                 key=epc.encode(),
                 value=value,
-                partition=partition,
-                on_delivery=tracker,
-            )
-        for epc, partition in tombstones:
-            produce_with_backpressure(
-                self.producer,
-                topic,
-                key=epc.encode(),
-                value=None,
                 partition=partition,
                 on_delivery=tracker,
             )

@@ -98,18 +98,18 @@ class WindowStore(OrderedDict[str, EpcWindow]):
             self.dropped.pop(epc, None)
         return len(gone)
 
-    def take_changes(self) -> tuple[list[tuple[str, int, bytes]], list[tuple[str, int]]]:
-        """Changelog records for this batch: (EPC, partition, value) and tombstones."""
-        records = []
+    def take_changes(self) -> list[tuple[str, int, bytes | None]]:
+        """Changelog records for this batch: (EPC, partition, value); None is a tombstone."""
+        records: list[tuple[str, int, bytes | None]] = []
         for epc in self.changed:
             window = self.get(epc)
             position = self.position.get(epc)
             if window is not None and position is not None:
                 records.append((epc, position[0], encode_window(window, position[1])))
-        tombstones = list(self.dropped.items())
+        records.extend((epc, partition, None) for epc, partition in self.dropped.items())
         self.changed.clear()
         self.dropped.clear()
-        return records, tombstones
+        return records
 
 
 def encode_window(window: EpcWindow, offset: int) -> bytes:

@@ -110,7 +110,7 @@ def load_model(directory: Path) -> LoadedModel:
     try:
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except (OSError, RuntimeError) as exc:
+    except Exception as exc:  # torch raises many kinds on a damaged file; all mean "unusable"
         raise ModelUnavailable(f"weights at {directory} do not load ({exc}); retrain") from exc
     net.eval()
     scalers = {t: PlattScaler(*meta["calibration"][t]) for t in ANOMALY_TYPES}

@@ -190,7 +190,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "numpy": numpy.__version__,
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": confluent_kafka.__version__,
         "librdkafka": confluent_kafka.libversion()[0],
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
@@ -358,7 +358,7 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
             if self.counters.consumed >= target:
                 # Windows may be dropped when the group is left, so they are counted here.
                 self.tracked, self.rss_end = len(self.windows), rss_bytes()
-                self.stopping = True
+                self.request_stop()
 
     try:
         service = TimedService(settings)
@@ -700,7 +700,11 @@ def run_bench(settings: Settings, options: BenchOptions) -> dict[str, Any]:
         "started": started.isoformat(timespec="seconds"),
         "machine": machine_info(),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
-        "model": {"dir": str(model_dir), "trained_for_bench": trained},
+        "model": {
+            "dir": str(model_dir),
+            "version": orjson.loads((model_dir / "meta.json").read_bytes()).get("version"),
+            "trained_for_bench": trained,
+        },
         "settings": {
             "batch_max_messages": settings.batch_max_messages,
             "poll_timeout_s": settings.poll_timeout_s,

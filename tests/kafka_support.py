@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from config import Settings
 from producer.kafka import ensure_topics
@@ -36,19 +37,15 @@ def isolated_settings(model_dir: Path, **overrides) -> Settings:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a child process exactly these settings."""
     env = dict(os.environ)
-    for name in (
-        "topic_scans",
-        "topic_alerts",
-        "topic_drift",
-        "topic_dlq",
-        "topic_state",
-        "group_id",
-        "model_dir",
-        "bootstrap_servers",
-        "batch_max_messages",
-    ):
-        env[f"EPCWATCH_{name.upper()}"] = str(getattr(settings, name))
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name)
+        default = field.default_factory() if field.default_factory else field.default
+        if value != default or name.startswith("topic_") or name == "group_id":
+            env[f"EPCWATCH_{name.upper()}"] = (
+                json.dumps(value) if isinstance(value, list) else str(value)
+            )
     env["EPCWATCH_LOG_FORMAT"] = "json"
     return env
 
@@ -66,34 +63,37 @@ def run_detector(settings: Settings, idle_exit_s: float = 6.0, timeout_s: float 
     )
 
 
-def read_all(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
-    """Every message on `topic` from the beginning to its current end."""
+def read_all(settings: Settings, topic: str, timeout_s: float = 20.0) -> list:
+    """Every committed message on `topic` from the beginning to its current end.
+
+    The end is known by partition EOF, not by offsets: transaction markers and aborted
+    messages take offsets that a read_committed consumer never sees.
+    """
+    import time
+
     consumer = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"reader-{uuid.uuid4().hex[:6]}",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
+            "enable.partition.eof": True,
         }
     )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    ends = {
-        p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-        for p in partitions
-    }
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-    remaining = {p for p, end in ends.items() if end > 0}
+    remaining = set(partitions)
     messages = []
-    import time
-
     deadline = time.monotonic() + timeout_s
     while remaining and time.monotonic() < deadline:
         message = consumer.poll(0.5)
-        if message is None or message.error():
+        if message is None:
+            continue
+        if message.error():
+            if message.error().code() == KafkaError._PARTITION_EOF:
+                remaining.discard(message.partition())
             continue
         messages.append(message)
-        if message.offset() + 1 >= ends[message.partition()]:
-            remaining.discard(message.partition())
     consumer.close()
     assert not remaining, f"could not read {topic} to its end"
     return messages

@@ -12,7 +12,20 @@ from typer.testing import CliRunner
 from epcwatch.cli import app
 
 runner = CliRunner()
-SUBCOMMANDS = ["simulate", "produce", "train", "detect", "score", "topics", "tail", "demo"]
+SUBCOMMANDS = [
+    "simulate",
+    "produce",
+    "train",
+    "detect",
+    "score",
+    "evaluate",
+    "retrain",
+    "models",
+    "rollback",
+    "topics",
+    "tail",
+    "demo",
+]
 
 
 @pytest.mark.parametrize("name", SUBCOMMANDS)
