@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # Drift.
     drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence delta")
     drift_min_scans: int = Field(2000, ge=1, description="normal scans before drift may fire")
+    drift_min_effect: float = Field(
+        0.03, gt=0, lt=1, description="smallest change of a [0,1] statistic reported as drift"
+    )
     drift_cooldown_s: float = Field(600.0, ge=0, description="one retrain request per cooldown")
     retrain_history_s: float = Field(
         7 * 86400, gt=0, description="recent scan history the retrainer reads, by message time"

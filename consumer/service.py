@@ -30,7 +30,7 @@ from consumer.decode import decode_scan
 from consumer.metrics import DetectorMetrics, serve
 from consumer.state import WindowStore, restore_partitions
 from detector.artifact import ModelUnavailable, load_model
-from detector.inferencer import Inferencer
+from detector.inferencer import Inferencer, Verdict
 from detector.schema import Scan
 from drift.monitor import ScoreMonitor
 from producer.kafka import DeliveryTracker, make_producer, produce_with_backpressure
@@ -90,7 +90,10 @@ class DetectorService:
         self.windows = WindowStore(settings.state_max_epcs, settings.state_ttl_s)
         self.watermarks: dict[int, float] = {}
         self.monitor = ScoreMonitor(
-            settings.drift_delta, settings.drift_min_scans, settings.drift_cooldown_s
+            settings.drift_delta,
+            settings.drift_min_scans,
+            settings.drift_cooldown_s,
+            settings.drift_min_effect,
         )
         self.counters = Counters()
         self.assigned: set[int] = set()
@@ -240,35 +243,40 @@ class DetectorService:
             self.windows.mark(verdict.scan.epc, partition, offset)
             self.counters.scored += 1
             self.metrics.scored.inc()
-            if verdict.flagged:
-                for alert in inferencer.alerts(verdict, self.windows):
-                    self.counters.alerts[alert.anomaly_type] += 1
-                    self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()
-                    produce_with_backpressure(
-                        self.producer,
-                        self.settings.topic_alerts,
-                        key=alert.epc_code.encode(),
-                        value=alert.model_dump_json().encode(),
-                        on_delivery=tracker,
-                    )
-                continue
-            rejected_before = self.monitor.rejected
-            drift_event = self.monitor.update(
-                float(verdict.confidence.max()), verdict.scan.t, inferencer.version
-            )
-            if self.monitor.rejected > rejected_before:
-                self.metrics.nan_scores.inc()
-            if drift_event is not None:
-                self.counters.drift_events += 1
-                self.metrics.drift_events.inc()
-                log.warning("drift_detected", **drift_event.model_dump())
+            for alert in inferencer.alerts(verdict, self.windows) if verdict.flagged else ():
+                self.counters.alerts[alert.anomaly_type] += 1
+                self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()
                 produce_with_backpressure(
                     self.producer,
-                    self.settings.topic_drift,
-                    key=drift_event.detector_instance.encode(),
-                    value=drift_event.model_dump_json().encode(),
+                    self.settings.topic_alerts,
+                    key=alert.epc_code.encode(),
+                    value=alert.model_dump_json().encode(),
                     on_delivery=tracker,
                 )
+            self._watch_drift(verdict, tracker)
+
+    def _watch_drift(self, verdict: Verdict, tracker: DeliveryTracker) -> None:
+        rejected_before = self.monitor.rejected
+        events = self.monitor.observe(
+            verdict.flagged,
+            float(verdict.confidence.max()),
+            verdict.features,
+            verdict.scan.t,
+            self.inferencer.version,
+        )
+        if self.monitor.rejected > rejected_before:
+            self.metrics.nan_scores.inc()
+        for event in events:
+            self.counters.drift_events += 1
+            self.metrics.drift_events.inc()
+            log.warning("drift_detected", **event.model_dump())
+            produce_with_backpressure(
+                self.producer,
+                self.settings.topic_drift,
+                key=event.detector_instance.encode(),
+                value=event.model_dump_json().encode(),
+                on_delivery=tracker,
+            )
 
     def _write_changelog(self, tracker: DeliveryTracker) -> None:
         for epc, partition, value in self.windows.take_changes():

@@ -36,6 +36,7 @@ class Verdict:
     confidence: np.ndarray  # calibrated, one per anomaly type
     flagged: tuple[str, ...]
     evidence: Evidence
+    features: np.ndarray  # the feature row the model read (a view into the batch)
 
 
 class Inferencer:
@@ -111,16 +112,20 @@ class Inferencer:
             n, len(ANOMALY_TYPES)
         )
         if not self.rules_gate:
-            return self._verdicts(scans, confidence, confidence >= self.thresholds, evidence)
+            return self._verdicts(scans, confidence, confidence >= self.thresholds, evidence, x)
         flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
         confidence = np.where(
             evidence_found & self.exact, np.maximum(confidence, self.rule_confidence), confidence
         )
-        return self._verdicts(scans, confidence, flagged, evidence)
+        return self._verdicts(scans, confidence, flagged, evidence, x)
 
     @staticmethod
     def _verdicts(
-        scans: list[Scan], confidence: np.ndarray, flagged: np.ndarray, evidence: list[Evidence]
+        scans: list[Scan],
+        confidence: np.ndarray,
+        flagged: np.ndarray,
+        evidence: list[Evidence],
+        x: np.ndarray,
     ) -> list[Verdict]:
         return [
             Verdict(
@@ -128,6 +133,7 @@ class Inferencer:
                 confidence[j],
                 tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit),
                 evidence[j],
+                x[j],
             )
             for j, scan in enumerate(scans)
         ]

@@ -15,7 +15,6 @@ import multiprocessing
 import os
 import platform
 import queue
-import resource
 import subprocess
 import sys
 import tempfile
@@ -147,16 +146,22 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process now (Linux), 0 where unknown."""
-    for line in _read_text("/proc/self/status").splitlines():
-        if line.startswith("VmRSS:"):
+def _status_bytes(field: str, pid: int | str = "self") -> int:
+    for line in _read_text(f"/proc/{pid}/status").splitlines():
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux), 0 where unknown."""
+    return _status_bytes("VmRSS")
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """Peak RSS of a process (Linux `VmHWM`). Not `ru_maxrss`: Linux carries that across
+    fork and exec, so a child started by a large parent would report the parent's peak."""
+    return _status_bytes("VmHWM", pid)
 
 
 def machine_info() -> dict[str, Any]:
@@ -535,6 +540,7 @@ def latency(settings: Settings, stream: Stream, options: BenchOptions) -> dict[s
             time.sleep(LATENCY_DRAIN_S)
     finally:
         listener.stop.set()
+        detector_peak = peak_rss_bytes(detector.pid)
         detector.terminate()
         detector.wait(60)
     listener.join(10)
@@ -555,9 +561,7 @@ def latency(settings: Settings, stream: Stream, options: BenchOptions) -> dict[s
         "alerts": len(listener.arrivals),
         "produce_to_alert": latency_summary(to_alert),
         "produce_to_detected_at": latency_summary(to_scored),
-        "detector_peak_rss_mb": round(
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
-        ),
+        "detector_peak_rss_mb": round(detector_peak / 2**20, 1),
     }
 
 
