@@ -239,10 +239,10 @@ class DetectorService:
     ) -> None:
         inferencer = self.inferencer
         verdicts = inferencer.score(scans, self.windows)
+        self.metrics.scored.inc(len(verdicts))
         for verdict, (partition, offset) in zip(verdicts, positions, strict=True):
             self.windows.mark(verdict.scan.epc, partition, offset)
             self.counters.scored += 1
-            self.metrics.scored.inc()
             for alert in inferencer.alerts(verdict, self.windows) if verdict.flagged else ():
                 self.counters.alerts[alert.anomaly_type] += 1
                 self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 
 EPC_PATTERN = re.compile(r"^(\d{3})\.(\d{7})\.(\d{7})\.(\d{6})\.(\d{8})\.(\d{9})$")
 GENUINE_HEADER = "001"
@@ -34,6 +35,17 @@ class EpcFacts:
     company: str | None
     defects: tuple[str, ...]
     made_at: float | None  # epoch seconds of the manufacture day's start, UTC
+
+
+@lru_cache(maxsize=65536)
+def _day_start(yyyymmdd: str) -> float | None:
+    """Epoch seconds of a YYYYMMDD day's start (UTC), or None if it is not a calendar date."""
+    try:
+        return datetime(
+            int(yyyymmdd[:4]), int(yyyymmdd[4:6]), int(yyyymmdd[6:8]), tzinfo=UTC
+        ).timestamp()
+    except ValueError:
+        return None
 
 
 def company_of(code: str) -> str | None:
@@ -67,11 +79,8 @@ def inspect_epc(code: str, registered: frozenset[str]) -> EpcFacts:
         defects.append("header")
     if company not in registered:
         defects.append("company")
-    made_at: float | None
-    try:
-        made_at = datetime.strptime(made, "%Y%m%d").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        made_at = None
+    made_at = _day_start(made)
+    if made_at is None:
         defects.append("manufacture_date")
     return EpcFacts(company=company, defects=tuple(defects), made_at=made_at)
 

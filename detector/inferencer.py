@@ -21,6 +21,7 @@ from detector.features import N_FEATURES, EpcWindow, Evidence, Featurizer
 from detector.schema import ANOMALY_TYPES, Scan
 from detector.train import EXACT_TYPES
 
+TYPE_INDEX = {t: i for i, t in enumerate(ANOMALY_TYPES)}
 RULE_NAMES = {
     "epcFake": "epc_structure",
     "epcDup": "read_elsewhere_within_dup_window",
@@ -108,9 +109,10 @@ class Inferencer:
         # A type is flagged only where its check found evidence: exact checks on that alone,
         # learned types only when the model also scores the scan past the type's threshold. A
         # model score without evidence (an input unlike anything in training) raises nothing.
-        evidence_found = np.array([[t in e for t in ANOMALY_TYPES] for e in evidence]).reshape(
-            n, len(ANOMALY_TYPES)
-        )
+        evidence_found = np.zeros((n, len(ANOMALY_TYPES)), dtype=bool)
+        for j, found in enumerate(evidence):
+            for anomaly_type in found:  # most scans have none
+                evidence_found[j, TYPE_INDEX[anomaly_type]] = True
         if not self.rules_gate:
             return self._verdicts(scans, confidence, confidence >= self.thresholds, evidence, x)
         flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
@@ -127,11 +129,14 @@ class Inferencer:
         evidence: list[Evidence],
         x: np.ndarray,
     ) -> list[Verdict]:
+        any_flag = flagged.any(axis=1)
         return [
             Verdict(
                 scan,
                 confidence[j],
-                tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit),
+                tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit)
+                if any_flag[j]
+                else (),
                 evidence[j],
                 x[j],
             )

@@ -51,6 +51,10 @@ class Reference:
     min_route_support: int
     max_speed_kmh: float
     stats: dict[str, Any] = field(default_factory=dict)
+    # Memo of distance ratios per hop: a network has few routes and they repeat all day.
+    _ratios: dict[tuple[str, str, int, int], float | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def origin_shipments(self, origin: str) -> int:
         return self.stats.get("origin_shipments", {}).get(origin, 0)
@@ -92,12 +96,18 @@ class Reference:
         Suppliers serve nearby sites, so a hop much longer than usual for its tiers is a hint
         of a wrong destination; None without coordinates.
         """
-        a = self.coordinates.get(origin)
-        b = self.coordinates.get(destination)
-        typical = self.stats.get("tier_median_km", {}).get(f"{origin_tier}-{destination_tier}")
-        if a is None or b is None or not typical:
-            return None
-        return haversine_km(a, b) / typical
+        key = (origin, destination, origin_tier, destination_tier)
+        if key not in self._ratios:
+            a = self.coordinates.get(origin)
+            b = self.coordinates.get(destination)
+            tiers = f"{origin_tier}-{destination_tier}"
+            typical = self.stats.get("tier_median_km", {}).get(tiers)
+            self._ratios[key] = (
+                haversine_km(a, b) / typical
+                if a is not None and b is not None and typical
+                else None
+            )
+        return self._ratios[key]
 
     def to_json(self) -> dict[str, Any]:
         return {
