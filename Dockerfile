@@ -3,7 +3,10 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 COPY requirements.txt pyproject.toml ./
-RUN pip install -r requirements.txt
+# CPU-only torch: the CUDA wheels and their nvidia-* libraries are left out of the image.
+RUN grep -v -E '^(nvidia-|triton==|torch==)' requirements.txt > /tmp/requirements-cpu.txt \
+    && pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.9.1" \
+    && pip install -r /tmp/requirements-cpu.txt
 COPY config ./config
 COPY consumer ./consumer
 COPY detector ./detector
