@@ -56,7 +56,7 @@ class Inferencer:
         self.rule_confidence = np.array(
             [_rule_precision(model.meta, t) for t in ANOMALY_TYPES], np.float32
         )
-        self.exact = np.array([t in EXACT_TYPES for t in ANOMALY_TYPES])
+        self.exact = np.array([_decided_by_rule(model.meta, t) for t in ANOMALY_TYPES])
 
     @property
     def version(self) -> str:
@@ -240,3 +240,9 @@ def _rule_precision(meta: dict, anomaly_type: str) -> float:
     if not scores:
         return 0.5
     return (scores["tp"] + 1.0) / (scores["tp"] + scores["fp"] + 2.0)
+
+
+def _decided_by_rule(meta: dict, anomaly_type: str) -> bool:
+    """Whether training found the rule alone at least as good as rule plus model for a type."""
+    per_type = meta.get("metrics", {}).get("per_type", {}).get(anomaly_type, {})
+    return per_type.get("decided_by", "rule" if anomaly_type in EXACT_TYPES else "") == "rule"

@@ -265,18 +265,21 @@ def calibrate(
         # learned types the model's confidence must pass the cut chosen here as well.
         gated = np.where(rules[:, i], confidence, 0.0)
         cut = choose_threshold(gated, labels[:, i])
-        if anomaly_type in EXACT_TYPES:
-            flagged = rules[:, i]
-        else:
-            flagged = rules[:, i] & (confidence >= cut)
+        rule_scores = _scores(rules[:, i], labels[:, i])
+        gated_scores = _scores(rules[:, i] & (confidence >= cut), labels[:, i])
+        # The model stays on a type's decision path only where it beats the rule alone on
+        # validation; elsewhere the rule decides and the model only adds confidence.
+        by_rule = anomaly_type in EXACT_TYPES or rule_scores["f1"] >= gated_scores["f1"]
+        flagged = rules[:, i] if by_rule else rules[:, i] & (confidence >= cut)
         ece, table = reliability(confidence[flagged], labels[flagged, i].astype(float))
         scalers[anomaly_type], thresholds[anomaly_type] = scaler, cut
         metrics["per_type"][anomaly_type] = {
+            "decided_by": "rule" if by_rule else "rule+model",
             "combined": _scores(flagged, labels[:, i]),
             "model_alone": _scores(
                 confidence >= choose_threshold(confidence, labels[:, i]), labels[:, i]
             ),
-            "rules_only": _scores(rules[:, i], labels[:, i]),
+            "rules_only": rule_scores,
             "threshold": cut,
             "ece_of_alerts": ece,
             "reliability": table,

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import orjson
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from config import Settings
 from producer.kafka import ensure_topics
@@ -128,7 +128,10 @@ def committed_all(settings: Settings) -> bool:
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         tps = [TopicPartition(topic, p) for p in partitions]
-        committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        try:
+            committed = {tp.partition: tp.offset for tp in consumer.committed(tps, timeout=10)}
+        except KafkaException:
+            return False  # e.g. the group coordinator is still loading after a broker restart
         return all(
             committed[p] >= consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
             for p in partitions
