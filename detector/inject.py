@@ -206,9 +206,10 @@ class Injector:
         i, bound = self.rng.choice(hops)
         new_gap = max(2 * self.dup_window_s, self.rng.uniform(0.1, 0.6) * bound)
         shift = rows[i - 1]["_t"] + new_gap - rows[i]["_t"]
+        # Event times move earlier; arrival stays, so the scans still reach the detector in the
+        # same order (moving arrival too could overtake the previous scan of this EPC).
         for row in rows[i:]:
             set_time(row, row["_t"] + shift)
-            row["_arrival"] += shift
         return Incident("", "jump", "too_fast_hop", epc, [rows[i]])
 
     def _order(self, journeys: dict[str, list[Row]], epc: str) -> Incident | None:
