@@ -43,6 +43,16 @@ FLUSH_TIMEOUT_S = 60.0
 TRANSACTION_TIMEOUT_S = 30.0
 
 
+GROUP_GONE = frozenset(
+    {
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+    }
+)
+
+
 class DeliveryFailed(RuntimeError):
     """Some output of a batch was not acknowledged; its offsets were not committed."""
 
@@ -309,6 +319,13 @@ class DetectorService:
                 self.consumer.commit(offsets=partitions, asynchronous=False)
                 return
             except KafkaException as exc:
+                if exc.args[0].code() in GROUP_GONE:
+                    # This member's generation is over (the coordinator restarted or the group
+                    # rebalanced): these offsets can no longer be committed by it. Its outputs
+                    # are delivered and its changelog written, so the next owner replays the
+                    # batch, skips the scans already in the windows, and alert ids repeat.
+                    log.warning("commit_abandoned", error=str(exc))
+                    return
                 if time.monotonic() > deadline:
                     raise
                 log.warning("commit_retry", error=str(exc))

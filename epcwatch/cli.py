@@ -242,7 +242,7 @@ def detect(
 
     settings = _settings(model_dir=model, idle_exit_s=idle_exit_s)
     try:
-        ensure_topics(settings)
+        ensure_topics(settings, timeout_s=settings.commit_retry_s)  # the broker may be starting
         service = DetectorService(settings, stop)
     except (ModelUnavailable, BrokerUnavailable) as exc:
         raise _fail(str(exc)) from exc

@@ -112,7 +112,20 @@ def start_detector(settings: Settings, idle_exit_s: float = 0.0, **env_overrides
         args += ["--idle-exit-s", str(idle_exit_s)]
     # Logs go to a file: a pipe nobody reads would fill up and stall the detector.
     log = tempfile.NamedTemporaryFile(prefix="detector-", suffix=".log", delete=False)
-    return subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    process.log_path = log.name  # type: ignore[attr-defined]
+    return process
+
+
+def wait_until_consuming(process, timeout_s: float = 120.0) -> None:
+    """Block until a started detector has been given its partitions."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while '"partitions_assigned"' not in open(process.log_path).read():
+        assert process.poll() is None, open(process.log_path).read()[-2000:]
+        assert time.monotonic() < deadline, "the detector never joined its group"
+        time.sleep(0.5)
 
 
 def committed_all(settings: Settings) -> bool:

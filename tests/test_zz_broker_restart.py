@@ -26,6 +26,7 @@ from tests.kafka_support import (
     isolated_settings,
     read_alerts,
     start_detector,
+    wait_until_consuming,
 )
 
 PIDFILE = REPO / ".cache" / "kafka" / "broker.pid"
@@ -53,7 +54,8 @@ def test_broker_down_for_twenty_seconds_mid_stream_loses_nothing(trained_model, 
     )
     publisher.start()
     detector = start_detector(settings)
-    time.sleep(5)
+    wait_until_consuming(detector)
+    time.sleep(3)
     subprocess.run(["bash", "kafka/kafka-down.sh"], cwd=REPO, check=True, timeout=120)
     time.sleep(20)
     subprocess.run(["bash", "kafka/kafka-up.sh"], cwd=REPO, check=True, timeout=180)
