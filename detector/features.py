@@ -257,21 +257,22 @@ class Featurizer:
                 }
         if tier < previous.tier:
             row[_F["tier_regression"]] = 1.0
-            evidence["locErr"] = {
-                "problem": "step_regression",
-                "from": previous.location,
-                "to": scan.location,
-                "from_tier": TIER_NAMES[previous.tier],
-                "to_tier": TIER_NAMES[tier],
-            }
+            evidence["locErr"] = {"problem": "step_regression", **_hop(previous, scan, tier)}
         elif not ref.route_known(previous.location, scan.location):
             row[_F["route_unknown"]] = 1.0
             evidence["locErr"] = {
                 "problem": "unknown_route",
-                "from": previous.location,
-                "to": scan.location,
-                "from_tier": TIER_NAMES[previous.tier],
-                "to_tier": TIER_NAMES[tier],
+                **_hop(previous, scan, tier),
                 "route_shipments_seen": shipments,
                 "origin_shipments_seen": from_origin,
             }
+
+
+def _hop(previous: WindowScan, scan: Scan, tier: int) -> dict[str, Any]:
+    """The two ends of a move, for location evidence."""
+    return {
+        "from": previous.location,
+        "to": scan.location,
+        "from_tier": TIER_NAMES[previous.tier],
+        "to_tier": TIER_NAMES[tier],
+    }

@@ -86,6 +86,19 @@ def _wait_committed(settings, timeout_s: float = 240.0) -> None:
         time.sleep(1.0)
 
 
+def _kill_repeatedly(settings, kills: int, seed: int) -> None:
+    """Start a detector and SIGKILL it 3-5 s later, `kills` times (at random points of work)."""
+    rng = random.Random(seed)
+    done = 0
+    while done < kills:
+        detector = start_detector(settings)
+        time.sleep(rng.uniform(3.0, 5.0))
+        if detector.poll() is None:
+            detector.send_signal(signal.SIGKILL)
+            detector.wait(30)
+            done += 1
+
+
 def _duplicates_share_ids(alerts: list[dict]) -> None:
     ids_per_alert: dict[tuple[str, str], set[str]] = defaultdict(set)
     for alert in alerts:
@@ -100,15 +113,7 @@ def test_sigkill_five_times_while_the_stream_flows_loses_no_alert(trained_model,
     stream = simulate(2500, 21, settings, 0.06, days=5, start=STREAM_START)
     paths = write_simulation(stream, tmp_path / "stream.tsv")
     publisher = _publish_slowly(settings, paths["scans"], rate=700)
-    rng = random.Random(5)
-    kills = 0
-    while kills < 5:
-        detector = start_detector(settings)
-        time.sleep(rng.uniform(3.0, 5.0))
-        if detector.poll() is None:
-            detector.send_signal(signal.SIGKILL)
-            detector.wait(30)
-            kills += 1
+    _kill_repeatedly(settings, kills=5, seed=5)
     publisher.join(120)
     final = run_detector(settings, idle_exit_s=6.0)
     assert final.returncode == 0, final.stderr[-3000:]
@@ -128,13 +133,7 @@ def test_exactly_once_with_kills_has_no_duplicates(trained_model, tmp_path):
     stream = simulate(1500, 22, settings, 0.06, days=5, start=STREAM_START)
     paths = write_simulation(stream, tmp_path / "stream.tsv")
     publisher = _publish_slowly(settings, paths["scans"], rate=700)
-    rng = random.Random(6)
-    for _ in range(3):
-        detector = start_detector(settings, processing_guarantee="exactly_once")
-        time.sleep(rng.uniform(3.0, 5.0))
-        if detector.poll() is None:
-            detector.send_signal(signal.SIGKILL)
-            detector.wait(30)
+    _kill_repeatedly(settings, kills=3, seed=6)
     publisher.join(120)
     final = run_detector(settings, idle_exit_s=6.0)
     assert final.returncode == 0, final.stderr[-3000:]
