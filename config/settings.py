@@ -60,7 +60,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="how often a detector looks for a new model"
     )
     idle_exit_s: float = Field(
-        0.0, ge=0, description="exit after this long without input (0: run forever)"
+        0.0,
+        ge=0,
+        description="exit after this long with partitions but without input (0: run forever)",
+    )
+    session_timeout_s: float = Field(
+        45.0, ge=6, le=300, description="a member silent this long leaves the group"
     )
 
     # Model and inference.

@@ -115,6 +115,7 @@ class DetectorService:
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
                 "max.poll.interval.ms": 300_000,
+                "session.timeout.ms": int(settings.session_timeout_s * 1000),
                 "partition.assignment.strategy": "cooperative-sticky",
             }
         )
@@ -158,8 +159,11 @@ class DetectorService:
                     self.settings.batch_max_messages, self.settings.poll_timeout_s
                 )
                 now = time.monotonic()
-                if messages:
+                if messages or not self.assigned:
+                    # Idle means owning partitions with nothing to read: waiting for the group
+                    # to hand partitions over (a dead member's session to expire) is not idle.
                     last_input = now
+                if messages:
                     self.process(messages)
                 elif self.settings.idle_exit_s and now - last_input >= self.settings.idle_exit_s:
                     log.info("detector_idle_exit", idle_s=self.settings.idle_exit_s)

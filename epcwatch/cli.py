@@ -220,7 +220,7 @@ def evaluate(
 def detect(
     model: Annotated[Path | None, typer.Option(help="model directory")] = None,
     idle_exit_s: Annotated[
-        float | None, typer.Option(help="exit after this many seconds without input")
+        float | None, typer.Option(help="exit after this many seconds with partitions but no input")
     ] = None,
 ) -> None:
     """Run the detector: consume scan events, publish alerts, commit after acknowledgement.

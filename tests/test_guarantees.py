@@ -109,7 +109,7 @@ def _duplicates_share_ids(alerts: list[dict]) -> None:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sigkill_five_times_while_the_stream_flows_loses_no_alert(trained_model, tmp_path):
-    settings = isolated_settings(trained_model, batch_max_messages=300)
+    settings = isolated_settings(trained_model, batch_max_messages=300, session_timeout_s=10)
     stream = simulate(2500, 21, settings, 0.06, days=5, start=STREAM_START)
     paths = write_simulation(stream, tmp_path / "stream.tsv")
     publisher = _publish_slowly(settings, paths["scans"], rate=700)
@@ -128,7 +128,10 @@ def test_sigkill_five_times_while_the_stream_flows_loses_no_alert(trained_model,
 @pytest.mark.slow
 def test_exactly_once_with_kills_has_no_duplicates(trained_model, tmp_path):
     settings = isolated_settings(
-        trained_model, batch_max_messages=300, processing_guarantee="exactly_once"
+        trained_model,
+        batch_max_messages=300,
+        processing_guarantee="exactly_once",
+        session_timeout_s=10,
     )
     stream = simulate(1500, 22, settings, 0.06, days=5, start=STREAM_START)
     paths = write_simulation(stream, tmp_path / "stream.tsv")
