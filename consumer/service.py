@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
@@ -254,9 +255,9 @@ class DetectorService:
         inferencer = self.inferencer
         verdicts = inferencer.score(scans, self.windows)
         self.metrics.scored.inc(len(verdicts))
+        self.counters.scored += len(verdicts)
         for verdict, (partition, offset) in zip(verdicts, positions, strict=True):
             self.windows.mark(verdict.scan.epc, partition, offset)
-            self.counters.scored += 1
             for alert in inferencer.alerts(verdict, self.windows) if verdict.flagged else ():
                 self.counters.alerts[alert.anomaly_type] += 1
                 self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()
@@ -267,19 +268,18 @@ class DetectorService:
                     value=alert.model_dump_json().encode(),
                     on_delivery=tracker,
                 )
-            self._watch_drift(verdict, tracker)
+        self._watch_drift(verdicts, tracker)
 
-    def _watch_drift(self, verdict: Verdict, tracker: DeliveryTracker) -> None:
+    def _watch_drift(self, verdicts: list[Verdict], tracker: DeliveryTracker) -> None:
         rejected_before = self.monitor.rejected
-        events = self.monitor.observe(
-            verdict.flagged,
-            float(verdict.confidence.max()),
-            verdict.features,
-            verdict.scan.t,
+        events = self.monitor.observe_batch(
+            [v.flagged for v in verdicts],
+            np.array([v.confidence for v in verdicts]).max(axis=1),
+            np.array([v.features for v in verdicts]),
+            np.array([v.scan.t for v in verdicts]),
             self.inferencer.version,
         )
-        if self.monitor.rejected > rejected_before:
-            self.metrics.nan_scores.inc()
+        self.metrics.nan_scores.inc(self.monitor.rejected - rejected_before)
         for event in events:
             self.counters.drift_events += 1
             self.metrics.drift_events.inc()

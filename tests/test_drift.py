@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
 
 from config import Settings
@@ -56,17 +57,18 @@ def _watch(model_dir, streams, settings):
     for stream in streams:
         scans = [to_scan(r) for r in stream.rows_in_arrival_order()]
         for i in range(0, len(scans), 2000):
-            for verdict in inferencer.score(scans[i : i + 2000], windows):
-                seen += 1
+            verdicts = inferencer.score(scans[i : i + 2000], windows)
+            seen += len(verdicts)
+            for verdict in verdicts:
                 flagged.extend(verdict.flagged)
-                for event in monitor.observe(
-                    verdict.flagged,
-                    float(verdict.confidence.max()),
-                    verdict.features,
-                    verdict.scan.t,
-                    "test",
-                ):
-                    events.append((seen, event))
+            for event in monitor.observe_batch(
+                [v.flagged for v in verdicts],
+                np.array([v.confidence for v in verdicts]).max(axis=1),
+                np.array([v.features for v in verdicts]),
+                np.array([v.scan.t for v in verdicts]),
+                "test",
+            ):
+                events.append((seen, event))  # the batch that raised it
     return seen, events, flagged
 
 
@@ -119,3 +121,50 @@ def test_a_burst_of_200_clones_raises_alerts_but_no_drift(trained_model):
     _, events, flagged = _watch(trained_model, [normal, burst], settings)
     assert flagged.count("epcDup") >= 190  # the second read; the first is flagged with it
     assert events == []
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_batch_hddm_a_signals_where_rivers_hddm_a_does(seed):
+    from river.drift.binary import HDDMA
+
+    from drift.monitor import BatchHDDMA
+
+    rng = np.random.default_rng(seed)
+    rates = [0.01, 0.05, 0.0, 0.2, 0.02, 0.6, 0.01]
+    bits = np.concatenate([(rng.random(rng.integers(500, 5000)) < r) for r in rates])
+    river = HDDMA()
+    expected = []
+    for i, bit in enumerate(bits.tolist()):
+        river.update(bit)
+        if river.drift_detected:
+            expected.append(i)
+    batched = BatchHDDMA()
+    found, start = [], 0
+    for size in rng.integers(1, 3000, size=len(bits)):  # batches of random sizes
+        chunk = bits[start : start + size].astype(np.float64)
+        found += [start + i for i in batched.signals(chunk)]
+        start += size
+        if start >= len(bits):
+            break
+    assert len(expected) >= 2  # the stream does change
+    assert found == expected
+
+
+def test_a_batch_and_the_same_scans_one_by_one_raise_the_same_drift():
+    rng = np.random.default_rng(5)
+    scores = np.concatenate([rng.uniform(0.0, 0.02, 6000), rng.uniform(0.2, 0.4, 6000)])
+    features = np.zeros((len(scores), 40))
+    one, batch = (ScoreMonitor(0.002, 1000, 600.0) for _ in range(2))
+    singly = [e for s in scores.tolist() for e in one.observe((), s, features[0], 1.75e9, "v1")]
+    batched = []
+    for i in range(0, len(scores), 700):
+        part = slice(i, i + 700)
+        batched += batch.observe_batch(
+            [()] * len(scores[part]),
+            scores[part],
+            features[part],
+            np.full(700, 1.75e9)[: len(scores[part])],
+            "v1",
+        )
+    key = lambda e: (e.statistic, round(e.mean_before, 9), round(e.mean_after, 9))  # noqa: E731
+    assert singly and [key(e) for e in singly] == [key(e) for e in batched]
