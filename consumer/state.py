@@ -28,7 +28,6 @@ from detector.features import EpcWindow, WindowScan
 
 log = structlog.get_logger(__name__)
 
-CHANGELOG_FORMAT = 1
 
 
 class WindowStore(OrderedDict[str, EpcWindow]):
@@ -113,38 +112,49 @@ class WindowStore(OrderedDict[str, EpcWindow]):
 
 
 def encode_window(window: EpcWindow, offset: int) -> bytes:
-    """A window as a changelog value (compact JSON; the LSTM state as base64 float32)."""
+    """A window as a changelog value: a format byte, the LSTM state, then compact JSON.
+
+    Format 2 is `b"\\x02"`, the number of float32 values in the LSTM state (2 bytes, little
+    endian), the state's raw bytes, and the JSON array `[offset, first_t, last_t, scans]`.
+    Format 1 (one JSON object, the state in base64) is still read.
+    """
     hidden = window.hidden
-    return orjson.dumps(
-        {
-            "v": CHANGELOG_FORMAT,
-            "o": offset,
-            "f": window.first_t,
-            "l": window.last_t,
-            "s": [[s.t, s.location, s.tier, s.etype, s.event_id, s.side] for s in window.scans],
-            "h": base64.b64encode(hidden.astype(np.float32).tobytes()).decode()
-            if hidden is not None
-            else None,
-        }
+    state = b"" if hidden is None else hidden.astype(np.float32, copy=False).tobytes()
+    body = orjson.dumps(
+        [
+            offset,
+            window.first_t,
+            window.last_t,
+            [[s.t, s.location, s.tier, s.etype, s.event_id, s.side] for s in window.scans],
+        ]
     )
+    return b"\x02" + (len(state) // 4).to_bytes(2, "little") + state + body
 
 
 def decode_window(
     epc: str, value: bytes, registered: frozenset[str], size: int, hidden_size: int
 ) -> tuple[EpcWindow, int]:
     """A changelog value back into a window and the offset of its last applied scan."""
-    data = orjson.loads(value)
-    window = EpcWindow(inspect_epc(epc, registered), float(data["f"]), size)
-    window.last_t = float(data["l"])
+    hidden: np.ndarray | None = None
+    if value[:1] == b"\x02":
+        state_end = 3 + 4 * int.from_bytes(value[1:3], "little")
+        if state_end > 3:
+            hidden = np.frombuffer(value[3:state_end], dtype=np.float32)
+        offset, first_t, last_t, scans = orjson.loads(value[state_end:])
+    else:  # format 1
+        data = orjson.loads(value)
+        offset, first_t, last_t, scans = data["o"], data["f"], data["l"], data["s"]
+        if data.get("h"):
+            hidden = np.frombuffer(base64.b64decode(data["h"]), dtype=np.float32)
+    window = EpcWindow(inspect_epc(epc, registered), float(first_t), size)
+    window.last_t = float(last_t)
     window.scans.extend(
         WindowScan(float(t), str(loc), int(tier), int(et), str(eid), bool(side))
-        for t, loc, tier, et, eid, side in data["s"]
+        for t, loc, tier, et, eid, side in scans
     )
-    if data.get("h"):
-        hidden = np.frombuffer(base64.b64decode(data["h"]), dtype=np.float32)
-        if hidden.size == 2 * hidden_size:
-            window.hidden = hidden.reshape(2, hidden_size).copy()
-    return window, int(data["o"])
+    if hidden is not None and hidden.size == 2 * hidden_size:
+        window.hidden = hidden.reshape(2, hidden_size).copy()
+    return window, int(offset)
 
 
 def restore_partitions(

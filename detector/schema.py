@@ -122,8 +122,11 @@ def _zone(name: str) -> tzinfo:
     return UTC if name.upper() == "UTC" else ZoneInfo(name)
 
 
+@lru_cache(maxsize=1 << 16)
 def parse_event_time(value: str, zone: str = "UTC") -> float:
     """ISO 8601 to epoch seconds; a time without an offset is read in `zone`.
+
+    Cached: the items of a pallet share their timestamps, and a stream's times repeat.
 
     >>> parse_event_time("2025-07-01 10:45:09")
     1751366709.0
@@ -160,25 +163,27 @@ def to_scan(record: dict[str, Any], zone: str = "UTC") -> Scan:
     """Validate a record and return its `Scan`; raises `InvalidScan` naming the field."""
     if not isinstance(record, dict):
         raise InvalidScan(f"a scan event must be a JSON object, got {type(record).__name__}")
+    required: list[str] = []
     for field in REQUIRED_FIELDS:
         value = record.get(field)
         if value is not None and not isinstance(value, str):
             raise InvalidScan(f"{field} must be a string, got {type(value).__name__}")
-        if not _text(record, field):
+        value = value.strip() if value else ""
+        if not value:
             raise InvalidScan(f"missing required field {field}")
+        required.append(value)
+    epc, event_time, step_name, event_name = required
     location = _text(record, "location_id") or _text(record, "scan_location")
     if not location:
         raise InvalidScan("missing required field location_id (or scan_location)")
 
-    step_name = _text(record, "business_step")
-    event_name = _text(record, "event_type")
-    if step_name not in STEP_INDEX:
+    step = STEP_INDEX.get(step_name)
+    if step is None:
         raise InvalidScan(f"unknown business_step {step_name!r}")
-    if event_name not in EVENT_INDEX:
+    etype = EVENT_INDEX.get(event_name)
+    if etype is None:
         raise InvalidScan(f"unknown event_type {event_name!r}")
 
-    epc = _text(record, "epc_code")
-    event_time = _text(record, "event_time")
     t = parse_event_time(event_time, zone)
     event_id = _text(record, "eventId") or _text(record, "event_id")
     if not event_id:
@@ -188,8 +193,8 @@ def to_scan(record: dict[str, Any], zone: str = "UTC") -> Scan:
         epc=epc,
         t=t,
         location=location,
-        step=STEP_INDEX[step_name],
-        etype=EVENT_INDEX[event_name],
+        step=step,
+        etype=etype,
         event_time=event_time,
         scan_location=_text(record, "scan_location") or location,
     )

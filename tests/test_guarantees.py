@@ -50,6 +50,25 @@ def test_window_round_trips_through_the_changelog_codec():
     assert back.facts == window.facts
 
 
+def test_a_window_in_the_first_changelog_format_is_still_read():
+    epc = "001.8805843.3842332.100006.20250701.000008002"
+    hidden = __import__("numpy").arange(64, dtype="float32")
+    value = orjson.dumps(
+        {
+            "v": 1,
+            "o": 7,
+            "f": 1.75e9,
+            "l": 1.75e9 + 30,
+            "s": [[1.75e9, "101", 1, 1, "e1", False], [1.75e9 + 30, "205", 1, 1, "e2", True]],
+            "h": __import__("base64").b64encode(hidden.tobytes()).decode(),
+        }
+    )
+    window, offset = decode_window(epc, value, frozenset({"8805843"}), 12, 32)
+    assert offset == 7 and window.last_t == 1.75e9 + 30
+    assert [s.event_id for s in window.scans] == ["e1", "e2"] and window.scans[1].side
+    assert (window.hidden.ravel() == hidden).all()
+
+
 def test_store_bounds_count_evictions_and_expiry_and_emit_tombstones():
     store = WindowStore(max_epcs=3, ttl_s=100)
     facts = inspect_epc("x", frozenset())
