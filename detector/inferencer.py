@@ -129,19 +129,10 @@ class Inferencer:
         evidence: list[Evidence],
         x: np.ndarray,
     ) -> list[Verdict]:
-        any_flag = flagged.any(axis=1)
-        return [
-            Verdict(
-                scan,
-                confidence[j],
-                tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit)
-                if any_flag[j]
-                else (),
-                evidence[j],
-                x[j],
-            )
-            for j, scan in enumerate(scans)
-        ]
+        types = [()] * len(scans)
+        for j in np.flatnonzero(flagged.any(axis=1)).tolist():  # most scans are flagged nothing
+            types[j] = tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit)
+        return list(map(Verdict, scans, confidence, types, evidence, x))
 
     def alerts(self, verdict: Verdict, windows: MutableMapping[str, EpcWindow]) -> list[Alert]:
         """Alerts for a verdict; a clone also flags the earlier read it pairs with."""
