@@ -44,7 +44,9 @@ class Settings(BaseSettings):
 
     # Consume loop.
     batch_max_messages: int = Field(2000, ge=1, description="messages per poll batch")
-    poll_timeout_s: float = Field(0.5, gt=0, description="wait for a poll batch")
+    poll_timeout_s: float = Field(
+        0.05, gt=0, description="longest wait for a batch to fill: bounds the added latency"
+    )
     max_message_bytes: int = Field(65536, ge=256, description="larger scan messages go to DLQ")
     max_lateness_s: float = Field(
         7 * 86400, gt=0, description="scans older than the partition's event time by more go late"
