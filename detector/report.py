@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import multiprocessing
+import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,8 +18,11 @@ from detector.artifact import LoadedModel
 from detector.features import EpcWindow
 from detector.inferencer import Inferencer
 from detector.schema import ANOMALY_TYPES, InvalidScan, to_scan
+from producer.readers import read_scans
 
 SCORE_BATCH = 5000
+# Files smaller than this are scored in one process: starting workers costs seconds.
+PARALLEL_MIN_BYTES = 8 << 20
 # Alert levels by share of items flagged: above each bound, that level.
 ALERT_LEVELS = ((0.10, "HIGH"), (0.05, "MEDIUM"), (0.01, "LOW"))
 
@@ -51,13 +57,72 @@ def alert_level(share: float) -> str:
     return "EXCELLENT"
 
 
+def score_file(
+    path: Path,
+    model: LoadedModel,
+    settings: Settings,
+    workers: int = 1,
+    show_progress: bool = True,
+) -> tuple[pd.DataFrame, ScoreSummary]:
+    """Score a scan file, sharded by EPC over `workers` processes; the report is in file order.
+
+    An EPC's scans only ever meet their own window, so shards by EPC score exactly what one
+    process would. Each worker reads the whole file and scores its own EPCs (reading is cheap
+    next to scoring); a file under `PARALLEL_MIN_BYTES` is scored in this process.
+    """
+    if workers <= 1 or path.stat().st_size < PARALLEL_MIN_BYTES:
+        return score_records(read_scans(path), model, settings, show_progress)
+    context = multiprocessing.get_context("spawn")  # torch and fork do not mix
+    jobs = [(path, model.path, settings, shard, workers, show_progress) for shard in range(workers)]
+    with context.Pool(workers) as pool:
+        parts = pool.starmap(_score_shard, jobs)
+    frame = pd.concat([part for part, _ in parts], ignore_index=True)
+    frame = frame.sort_values("_line", kind="stable").drop(columns="_line")
+    frame = frame.reset_index(drop=True)
+    invalid = sorted(row for _, rows in parts for row in rows)
+    return frame, _summarise(frame, invalid)
+
+
+def _score_shard(
+    path: Path, model_dir: Path, settings: Settings, shard: int, shards: int, show_progress: bool
+) -> tuple[pd.DataFrame, list[tuple[int, str]]]:
+    import torch
+
+    from detector.artifact import load_model
+
+    torch.set_num_threads(settings.torch_threads)
+    rows = _rows_of_shard(read_scans(path), shard, shards)
+    frame, summary = score_records(
+        rows, load_model(model_dir), settings, show_progress and shard == 0, keep_lines=True
+    )
+    return frame, summary.invalid_rows
+
+
+def _rows_of_shard(
+    rows: Iterable[tuple[int, dict[str, Any] | Any]], shard: int, shards: int
+) -> Iterator[tuple[int, dict[str, Any] | Any]]:
+    """The rows whose EPC falls in `shard`; a row that is not a record belongs to shard 0."""
+    for number, record in rows:
+        if isinstance(record, dict):
+            epc = record.get("epc_code")
+            key = epc.strip() if isinstance(epc, str) else ""
+            if zlib.crc32(key.encode()) % shards == shard:
+                yield number, record
+        elif shard == 0:
+            yield number, record
+
+
 def score_records(
     rows: Iterable[tuple[int, dict[str, Any] | Any]],
     model: LoadedModel,
     settings: Settings,
     show_progress: bool = True,
+    keep_lines: bool = False,
 ) -> tuple[pd.DataFrame, ScoreSummary]:
-    """Score `(line, record)` pairs in file order; bad rows are listed, not scored."""
+    """Score `(line, record)` pairs in file order; bad rows are listed, not scored.
+
+    With `keep_lines`, the frame has a `_line` column with each record's line number.
+    """
     inferencer = Inferencer(model, settings)
     windows: dict[str, EpcWindow] = {}
     records: list[dict[str, Any]] = []
@@ -66,6 +131,7 @@ def score_records(
     detected: list[np.ndarray] = []
     confidence: list[np.ndarray] = []
     row_of: dict[str, int] = {}
+    lines: list[int] = []
     pending = []
     bar = tqdm(desc="scoring", unit="scan", disable=not show_progress)
 
@@ -99,6 +165,7 @@ def score_records(
             continue
         row_of[scan.event_id] = len(records)
         records.append({**record, "eventId": scan.event_id})
+        lines.append(number)
         pending.append((scan, number))
         if len(pending) >= SCORE_BATCH:
             flush()
@@ -112,6 +179,8 @@ def score_records(
     for i, anomaly_type in enumerate(ANOMALY_TYPES):
         frame[f"{anomaly_type}_detected"] = flags[:, i]
         frame[f"{anomaly_type}_confidence"] = np.round(conf[:, i], 4)
+    if keep_lines:
+        frame["_line"] = np.array(lines, dtype=np.int64)
     return frame, _summarise(frame, invalid)
 
 

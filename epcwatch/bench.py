@@ -625,19 +625,23 @@ def window_memory(settings: Settings, records: list[dict[str, Any]]) -> dict[str
 
 
 def score_rate(settings: Settings, file: Path, workdir: Path) -> dict[str, Any]:
-    """`epcwatch score` on the stream file: read + score, then the report CSV, timed apart."""
+    """`epcwatch score` on the stream file: read + score, then the report CSV, timed apart.
+
+    As `epcwatch score` does by default: one process per core, each scoring its EPCs.
+    """
     from detector.artifact import load_model
-    from detector.report import score_records
-    from producer.readers import read_scans
+    from detector.report import score_file
 
     loaded = load_model(settings.model_dir)
+    workers = os.cpu_count() or 1
     started = time.perf_counter()
-    frame, summary = score_records(read_scans(file), loaded, settings, show_progress=False)
+    frame, summary = score_file(file, loaded, settings, workers, show_progress=False)
     scored_s = time.perf_counter() - started
     frame.to_csv(workdir / "anomaly_report.csv", index=False)
     total_s = time.perf_counter() - started
     return {
         "scans": summary.events,
+        "workers": workers,
         "seconds": round(scored_s, 2),
         "rate_per_s": summary.events / scored_s,
         "with_report_seconds": round(total_s, 2),

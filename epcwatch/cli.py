@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -256,6 +257,9 @@ def score(
     output: Annotated[Path, typer.Option("-o", "--output", help="report CSV")] = Path(
         "anomaly_report.csv"
     ),
+    workers: Annotated[
+        int, typer.Option(help="processes, each scoring its share of the EPCs (0: one per core)")
+    ] = 0,
 ) -> None:
     """Score a scan file offline with the same detector and write anomaly_report.csv.
 
@@ -267,9 +271,8 @@ def score(
     import torch
 
     from detector.artifact import ModelUnavailable, load_model
-    from detector.report import score_records
+    from detector.report import score_file
     from detector.schema import ANOMALY_TYPES, ANOMALY_WORDS
-    from producer.readers import read_scans
 
     settings = _settings(model_dir=model)
     torch.set_num_threads(settings.torch_threads)
@@ -279,7 +282,9 @@ def score(
         loaded = load_model(settings.model_dir)
     except ModelUnavailable as exc:
         raise _fail(str(exc)) from exc
-    frame, summary = score_records(read_scans(file), loaded, settings, sys.stderr.isatty())
+    frame, summary = score_file(
+        file, loaded, settings, workers or os.cpu_count() or 1, sys.stderr.isatty()
+    )
     frame.to_csv(output, index=False)
     for number, reason in summary.invalid_rows[:20]:
         typer.secho(f"{file}:{number}: skipped: {reason}", fg="yellow", err=True)
