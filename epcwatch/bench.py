@@ -342,7 +342,11 @@ def raw_consume(settings: Settings, expected: int, decode: bool = False) -> dict
 
 
 def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing.Queue) -> None:
-    """Runs in a fresh process: the real DetectorService on the bench topic until `target`."""
+    """Runs in a fresh process: the real DetectorService on the bench topic until `target`.
+
+    With `target` 0 it runs until it has been idle for `idle_exit_s` (a member of a group
+    does not know its share of the stream in advance).
+    """
     from consumer.service import DetectorService
     from epcwatch.logs import configure_logging
 
@@ -360,7 +364,7 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
                 self.first = time.perf_counter()
             super().process(messages)
             self.last = time.perf_counter()
-            if self.counters.consumed >= target:
+            if target and self.counters.consumed >= target:
                 # Windows may be dropped when the group is left, so they are counted here.
                 self.tracked, self.rss_end = len(self.windows), rss_bytes()
                 self.request_stop()
@@ -373,6 +377,8 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
     rss_before = rss_bytes()
     counters = service.run()
     seconds = service.last - service.first
+    if not target:
+        service.tracked, service.rss_end = len(service.windows), rss_bytes()
     tracked = service.tracked
     out.put(
         {
@@ -384,6 +390,8 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
             "batches": counters.batches,
             "seconds": round(seconds, 2),
             "rate_per_s": counters.consumed / seconds if seconds > 0 else math.nan,
+            "first_batch_at": service.first,
+            "last_batch_at": service.last,
             "tracked_epcs": tracked,
             "rss_start_mb": round(rss_before / 2**20, 1),
             "rss_end_mb": round(service.rss_end / 2**20, 1),
@@ -442,6 +450,57 @@ def detector_rate(settings: Settings, expected: int) -> dict[str, Any]:
         child.join(60)
         if child.is_alive():
             child.terminate()
+
+
+def detector_group_rate(settings: Settings, expected: int, members: int) -> dict[str, Any]:
+    """The rate of a consumer group of `members` detector processes over the whole stream.
+
+    Each member runs until it has been idle for 3 s; the group's time runs from the first batch
+    of any member to the last batch of any member (the monotonic clock is shared by processes).
+    """
+    from producer.kafka import ensure_topics
+
+    ensure_topics(settings)
+    overrides = {
+        name: getattr(settings, name)
+        for name in Settings.model_fields
+        if name.startswith("topic_") or name in ("model_dir", "group_id", "processing_guarantee")
+    }
+    overrides["idle_exit_s"] = 3.0
+    context = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = context.Queue()
+    children = [
+        context.Process(target=_detector_child, args=(overrides, 0, out)) for _ in range(members)
+    ]
+    for child in children:
+        child.start()
+    results: list[dict[str, Any]] = []
+    deadline = time.monotonic() + CONSUME_TIMEOUT_S * 2
+    try:
+        while len(results) < members:
+            try:
+                results.append(out.get(timeout=1.0))
+            except queue.Empty:
+                if time.monotonic() > deadline or not any(c.is_alive() for c in children):
+                    raise BenchError(
+                        f"a detector of the group of {members} ended without a result"
+                    ) from None
+    finally:
+        for child in children:
+            child.join(60)
+            if child.is_alive():
+                child.terminate()
+    consumed = sum(r["scans"] for r in results)
+    seconds = max(r["last_batch_at"] for r in results) - min(r["first_batch_at"] for r in results)
+    return {
+        "available": True,
+        "members": members,
+        "scans": consumed,
+        "complete": consumed >= expected,
+        "seconds": round(seconds, 2),
+        "rate_per_s": consumed / seconds if seconds > 0 else math.nan,
+        "per_member_scans": [r["scans"] for r in results],
+    }
 
 
 def _detector_env(settings: Settings) -> dict[str, str]:
@@ -764,6 +823,18 @@ def _measure(
         finally:
             delete_topics(run_settings, keep=[settings.topic_scans])
 
+    members = os.cpu_count() or 1
+    if members > 1:
+        log.info("bench_phase", phase="detector_group", members=members)
+        group_settings = guarantee_settings(settings, "at_least_once")
+        group_settings = group_settings.model_copy(
+            update={"group_id": f"{group_settings.group_id}-group"}
+        )
+        try:
+            out["detector_group"] = detector_group_rate(group_settings, expected, members)
+        finally:
+            delete_topics(group_settings, keep=[settings.topic_scans])
+
     if options.latency_s > 0:
         log.info("bench_phase", phase="latency", rate_per_s=options.rate_per_s)
         out["latency"] = latency(latency_settings, stream, options)
@@ -818,6 +889,16 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             continue
         ratio = f" ({result['rate_per_s'] / raw:.0%} of raw)" if raw else ""
         rows.append((label, rate_text(result["rate_per_s"]) + ratio, f"≥{target} or ≥50% raw"))
+    group = results.get("detector_group", {})
+    if group.get("available"):
+        ratio = f" ({group['rate_per_s'] / raw:.0%} of raw)" if raw else ""
+        rows.append(
+            (
+                f"detector group of {group['members']} processes, at-least-once (scans/s)",
+                rate_text(group["rate_per_s"]) + ratio,
+                "",
+            )
+        )
     if "latency" in results:
         lat = results["latency"]
         to_alert = lat["produce_to_alert"]
