@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     min_route_share: float = Field(
         0.03, ge=0, le=1, description="share of an origin's shipments that makes a route known"
     )
+    min_route_plausibility: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="a thinner route is still known if its origin's regular routes to that tier "
+        "(at their median shipments, Poisson) look this thin at least this often; 1 turns it off",
+    )
     min_route_bound_shipments: int = Field(
         20, ge=1, description="shipments before a route's own hop times set its bound"
     )

@@ -266,6 +266,10 @@ class Featurizer:
                 "route_shipments_seen": shipments,
                 "origin_shipments_seen": from_origin,
             }
+            regular = ref.regular_route_shipments(previous.location, scan.location)
+            if regular is not None:
+                # What the origin's regular routes to that tier carry, for comparison.
+                evidence["locErr"]["regular_route_shipments"] = regular
 
 
 def _hop(previous: WindowScan, scan: Scan, tier: int) -> dict[str, Any]:

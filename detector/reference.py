@@ -4,6 +4,11 @@ Nothing about a particular supply chain is written in code: `learn_reference` re
 scans. History is never spotless, so everything is counted with minimum support (a handful of
 bad codes or odd shipments does not become normal) and bounds come from low quantiles scaled
 down, never from the minimum.
+
+A route below minimum support is judged against its origin's own regular routes: where a
+distributor's regular customers each get only a few shipments (it supplies many shops), a route
+seen once or twice is as thin as a regular one is often enough and counts as known; where its
+regular routes carry many shipments each, one or two shipments to somewhere else are an oddity.
 """
 
 from __future__ import annotations
@@ -36,6 +41,23 @@ def haversine_km(a: tuple[float, float], b: tuple[float, float]) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(math.sqrt(h))
 
 
+# An origin's regular routes to a tier describe how thin a real route of it can be only when
+# it has several; one route says nothing about the others.
+MIN_REGULAR_ROUTES = 2
+
+
+def poisson_cdf(k: int, rate: float) -> float:
+    """P(X <= k) for X ~ Poisson(rate).
+
+    >>> round(poisson_cdf(2, 4.0), 4), round(poisson_cdf(2, 18.0), 7)
+    (0.2381, 2.8e-06)
+    """
+    if rate <= 0:
+        return 1.0
+    log_rate = math.log(rate)
+    return min(1.0, sum(math.exp(i * log_rate - rate - math.lgamma(i + 1)) for i in range(k + 1)))
+
+
 @dataclass
 class Reference:
     """Learned reference data; lookups are dictionary reads, cheap enough per scan."""
@@ -60,16 +82,40 @@ class Reference:
         return self.stats.get("origin_shipments", {}).get(origin, 0)
 
     def route_known(self, origin: str, destination: str) -> bool:
-        """Seen often enough, absolutely or as a share of what its origin ships.
+        """Seen often enough: absolutely, as a share of what its origin ships, or as often as
+        the origin's regular routes to that tier are likely to be seen.
 
         A quiet distributor's real customers are seen only a few times each; one odd shipment
-        from a busy one is a tiny share of its traffic.
+        from a busy one is a tiny share of its traffic. A distributor with many customers ships
+        to each of them rarely, so a route it used once or twice is as thin as a regular one
+        of its routes often is; the same count beside regular routes of twenty shipments each is
+        an oddity. A route never seen is never known.
         """
         support = self.route_support.get((origin, destination), 0)
         if support >= self.min_route_support:
             return True
+        if support <= 0:
+            return False
         share = self.stats.get("min_route_share", 1.0)
-        return support > 0 and support >= share * self.origin_shipments(origin)
+        if support >= share * self.origin_shipments(origin):
+            return True
+        regular = self.regular_route_shipments(origin, destination)
+        if regular is None:
+            return False
+        plausibility = self.stats.get("min_route_plausibility", 1.0)
+        return poisson_cdf(support, regular) >= plausibility
+
+    def regular_route_shipments(self, origin: str, destination: str) -> float | None:
+        """Median shipments of the origin's known routes to the destination's tier.
+
+        None when the origin has fewer than `MIN_REGULAR_ROUTES` such routes, or the
+        destination is not further down the chain than the origin.
+        """
+        tier = self.site_tiers.get(destination)
+        if tier is None:
+            return None
+        by_tier = self.stats.get("regular_route_shipments", {}).get(origin)
+        return by_tier.get(str(tier)) if by_tier else None
 
     def hop_bound(
         self, origin: str, destination: str, origin_tier: int, destination_tier: int
@@ -211,9 +257,11 @@ def learn_reference(
             coordinates[str(row.location_id)] = (float(row.latitude), float(row.longitude))
 
     tier_median_km = _tier_median_km(hops, route_support, coordinates, settings.min_route_support)
+    site_tier_of = {str(k): int(v) for k, v in site_tiers.items()}
+    regular = _regular_route_shipments(route_support, site_tier_of, settings.min_route_support)
     return Reference(
         registered_prefixes=prefixes | frozenset(settings.registered_prefixes),
-        site_tiers={str(k): int(v) for k, v in site_tiers.items()},
+        site_tiers=site_tier_of,
         site_names={str(k): str(v) for k, v in site_names.items()},
         coordinates=coordinates,
         route_support={(str(a), str(b)): int(n) for (a, b), n in route_support.items()},
@@ -233,6 +281,8 @@ def learn_reference(
             "origin_shipments": {str(k): int(v) for k, v in origin_shipments.items()},
             "tier_median_km": tier_median_km,
             "min_route_share": settings.min_route_share,
+            "regular_route_shipments": regular,
+            "min_route_plausibility": settings.min_route_plausibility,
         },
     )
 
@@ -252,6 +302,23 @@ def _supported_pairs(
     pairs = pd.DataFrame({"a": first.to_numpy(), "b": second.to_numpy(), "d": departed.to_numpy()})
     support = pairs.groupby(["a", "b"])["d"].nunique()
     return frozenset((int(a), int(b)) for (a, b), n in support.items() if n >= min_support)
+
+
+def _regular_route_shipments(
+    route_support: dict, site_tiers: dict[str, int], min_support: int
+) -> dict[str, dict[str, float]]:
+    """Per origin and destination tier further down the chain: median shipments of its known
+    routes, where it has at least `MIN_REGULAR_ROUTES` of them."""
+    supports: dict[tuple[str, int], list[int]] = {}
+    for (origin, destination), n in route_support.items():
+        a, b = site_tiers.get(str(origin)), site_tiers.get(str(destination))
+        if n >= min_support and a is not None and b is not None and b > a:
+            supports.setdefault((str(origin), b), []).append(int(n))
+    regular: dict[str, dict[str, float]] = {}
+    for (origin, tier), counts in sorted(supports.items()):
+        if len(counts) >= MIN_REGULAR_ROUTES:
+            regular.setdefault(origin, {})[str(tier)] = float(np.median(counts))
+    return regular
 
 
 def _tier_median_km(
