@@ -29,7 +29,6 @@ from detector.features import EpcWindow, WindowScan
 log = structlog.get_logger(__name__)
 
 
-
 class WindowStore(OrderedDict[str, EpcWindow]):
     """A mapping EPC → window with expiry by event time, a cap with eviction, and positions."""
 

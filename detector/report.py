@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import zlib
 from collections.abc import Iterable, Iterator
@@ -121,8 +122,25 @@ def score_records(
 ) -> tuple[pd.DataFrame, ScoreSummary]:
     """Score `(line, record)` pairs in file order; bad rows are listed, not scored.
 
-    With `keep_lines`, the frame has a `_line` column with each record's line number.
+    With `keep_lines`, the frame has a `_line` column with each record's line number. While it
+    runs, the cyclic collector skips full passes: windows and records are many long-lived
+    objects without cycles, and full passes over them cost a fifth of the time.
     """
+    thresholds = gc.get_threshold()
+    gc.set_threshold(thresholds[0], thresholds[1], 1_000_000_000)
+    try:
+        return _score_records(rows, model, settings, show_progress, keep_lines)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _score_records(
+    rows: Iterable[tuple[int, dict[str, Any] | Any]],
+    model: LoadedModel,
+    settings: Settings,
+    show_progress: bool,
+    keep_lines: bool,
+) -> tuple[pd.DataFrame, ScoreSummary]:
     inferencer = Inferencer(model, settings)
     windows: dict[str, EpcWindow] = {}
     records: list[dict[str, Any]] = []
