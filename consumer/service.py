@@ -427,6 +427,20 @@ class DetectorService:
         # LSTM state belongs to the model that produced it; the new one starts from the window.
         for window in self.windows.values():
             window.hidden = None
+        # The drift monitors' levels describe what the old model made of the stream (its
+        # scores, its alert rates, the routes it knew). Compared with the new model's, they
+        # would report the swap itself as drift and ask for another retrain once the cooldown
+        # is over, so the new model starts a fresh watch; instance and cooldown carry over.
+        monitor = ScoreMonitor(
+            self.settings.drift_delta,
+            self.settings.drift_min_scans,
+            self.settings.drift_cooldown_s,
+            self.settings.drift_min_effect,
+            instance=self.monitor.instance,
+            rejected=self.monitor.rejected,
+        )
+        monitor.last_request = self.monitor.last_request
+        self.monitor = monitor
         self.metrics.model_ok = True
         self.metrics.set_model(model.version)
         log.info("model_switched", previous=previous, model_version=model.version)
