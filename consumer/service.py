@@ -457,12 +457,10 @@ class DetectorService:
             self.settings.window_scans,
             self.inferencer.hidden,
         )
-        for epc, (partition, _) in self.windows.position.items():
-            if partition in partitions:
-                window = self.windows.get(epc)
-                if window is not None:
-                    mark = self.watermarks.get(partition, float("-inf"))
-                    self.watermarks[partition] = max(mark, window.last_t)
+        for window in self.windows.values():
+            if window.partition in partitions:
+                mark = self.watermarks.get(window.partition, float("-inf"))
+                self.watermarks[window.partition] = max(mark, window.last_t)
         self.metrics.restored.inc(restored)
         log.info(
             "windows_restored",

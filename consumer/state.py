@@ -15,10 +15,10 @@ applied twice.
 from __future__ import annotations
 
 import base64
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable
 
-import numpy as np
 import orjson
 import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
@@ -30,7 +30,11 @@ log = structlog.get_logger(__name__)
 
 
 class WindowStore(OrderedDict[str, EpcWindow]):
-    """A mapping EPC → window with expiry by event time, a cap with eviction, and positions."""
+    """A mapping EPC → window with expiry by event time, a cap with eviction, and positions.
+
+    Each window records the (partition, offset) of the last scan applied to it: which partition
+    owns the EPC, and which replayed scans to skip.
+    """
 
     def __init__(self, max_epcs: int, ttl_s: float) -> None:
         super().__init__()
@@ -39,8 +43,6 @@ class WindowStore(OrderedDict[str, EpcWindow]):
         self.evicted = 0
         self.expired = 0
         self.watermark = float("-inf")  # the latest event time applied to any window
-        # EPC → (partition, offset of the last scan applied): ownership and replay detection.
-        self.position: dict[str, tuple[int, int]] = {}
         self.changed: set[str] = set()
         self.dropped: dict[str, int] = {}  # EPC → partition, for tombstones
 
@@ -55,19 +57,20 @@ class WindowStore(OrderedDict[str, EpcWindow]):
             self.evicted += 1
 
     def _drop_oldest(self) -> None:
-        epc, _ = self.popitem(last=False)
+        epc, window = self.popitem(last=False)
         self.changed.discard(epc)
-        position = self.position.pop(epc, None)
-        if position is not None:
-            self.dropped[epc] = position[0]
+        if window.partition >= 0:
+            self.dropped[epc] = window.partition
 
     def applied(self, epc: str, partition: int, offset: int) -> bool:
         """Whether the scan at (partition, offset) is already in this EPC's window."""
-        position = self.position.get(epc)
-        return position is not None and position[0] == partition and offset <= position[1]
+        window = self.get(epc)
+        return window is not None and window.partition == partition and offset <= window.offset
 
     def mark(self, epc: str, partition: int, offset: int) -> None:
-        self.position[epc] = (partition, offset)
+        window = self[epc]
+        window.partition = partition
+        window.offset = offset
 
     def expire(self) -> int:
         """Drop windows idle for longer than the TTL in event time; returns how many.
@@ -88,10 +91,9 @@ class WindowStore(OrderedDict[str, EpcWindow]):
 
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget the windows of partitions this process no longer owns."""
-        gone = [epc for epc, (p, _) in self.position.items() if p in partitions]
+        gone = [epc for epc, window in self.items() if window.partition in partitions]
         for epc in gone:
-            self.pop(epc, None)
-            self.position.pop(epc, None)
+            del self[epc]
             self.changed.discard(epc)
             self.dropped.pop(epc, None)
         return len(gone)
@@ -101,9 +103,8 @@ class WindowStore(OrderedDict[str, EpcWindow]):
         records: list[tuple[str, int, bytes | None]] = []
         for epc in self.changed:
             window = self.get(epc)
-            position = self.position.get(epc)
-            if window is not None and position is not None:
-                records.append((epc, position[0], encode_window(window, position[1])))
+            if window is not None and window.partition >= 0:
+                records.append((epc, window.partition, encode_window(window, window.offset)))
         records.extend((epc, partition, None) for epc, partition in self.dropped.items())
         self.changed.clear()
         self.dropped.clear()
@@ -117,8 +118,7 @@ def encode_window(window: EpcWindow, offset: int) -> bytes:
     endian), the state's raw bytes, and the JSON array `[offset, first_t, last_t, scans]`.
     Format 1 (one JSON object, the state in base64) is still read.
     """
-    hidden = window.hidden
-    state = b"" if hidden is None else hidden.astype(np.float32, copy=False).tobytes()
+    state = window.hidden or b""
     body = orjson.dumps(
         [
             offset,
@@ -134,25 +134,23 @@ def decode_window(
     epc: str, value: bytes, registered: frozenset[str], size: int, hidden_size: int
 ) -> tuple[EpcWindow, int]:
     """A changelog value back into a window and the offset of its last applied scan."""
-    hidden: np.ndarray | None = None
+    hidden: bytes | None = None
     if value[:1] == b"\x02":
         state_end = 3 + 4 * int.from_bytes(value[1:3], "little")
-        if state_end > 3:
-            hidden = np.frombuffer(value[3:state_end], dtype=np.float32)
+        hidden = value[3:state_end]
         offset, first_t, last_t, scans = orjson.loads(value[state_end:])
     else:  # format 1
         data = orjson.loads(value)
         offset, first_t, last_t, scans = data["o"], data["f"], data["l"], data["s"]
-        if data.get("h"):
-            hidden = np.frombuffer(base64.b64decode(data["h"]), dtype=np.float32)
-    window = EpcWindow(inspect_epc(epc, registered), float(first_t), size)
+        hidden = base64.b64decode(data["h"]) if data.get("h") else None
+    window = EpcWindow(inspect_epc(epc, registered), float(first_t))
     window.last_t = float(last_t)
-    window.scans.extend(
-        WindowScan(float(t), str(loc), int(tier), int(et), str(eid), bool(side))
-        for t, loc, tier, et, eid, side in scans
+    window.scans = tuple(
+        WindowScan(float(t), sys.intern(str(loc)), int(tier), int(et), str(eid), bool(side))
+        for t, loc, tier, et, eid, side in scans[-size:]
     )
-    if hidden is not None and hidden.size == 2 * hidden_size:
-        window.hidden = hidden.reshape(2, hidden_size).copy()
+    if hidden and len(hidden) == 2 * 4 * hidden_size:  # float32 h and c
+        window.hidden = hidden
     return window, int(offset)
 
 
@@ -196,14 +194,13 @@ def restore_partitions(
                 epc = message.key().decode()
                 if message.value() is None:
                     store.pop(epc, None)
-                    store.position.pop(epc, None)
                 else:
                     window, offset = decode_window(
                         epc, message.value(), registered, window_size, hidden_size
                     )
                     OrderedDict.__setitem__(store, epc, window)
                     store.move_to_end(epc)
-                    store.position[epc] = (p, offset)
+                    window.partition, window.offset = p, offset
                     store.watermark = max(store.watermark, window.last_t)
                     restored += 1
                 if message.offset() + 1 >= ends[p]:

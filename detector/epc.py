@@ -82,7 +82,13 @@ def inspect_epc(code: str, registered: frozenset[str]) -> EpcFacts:
     made_at = _day_start(made)
     if made_at is None:
         defects.append("manufacture_date")
-    return EpcFacts(company=company, defects=tuple(defects), made_at=made_at)
+    return _shared_facts(company, tuple(defects), made_at)
+
+
+@lru_cache(maxsize=65536)
+def _shared_facts(company: str, defects: tuple[str, ...], made_at: float | None) -> EpcFacts:
+    """One `EpcFacts` per distinct value: the items of a lot share theirs (they are immutable)."""
+    return EpcFacts(company=company, defects=defects, made_at=made_at)
 
 
 def time_defects(

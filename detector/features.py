@@ -9,7 +9,7 @@ never sees features computed two different ways.
 from __future__ import annotations
 
 import math
-from collections import deque
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,16 +94,24 @@ class WindowScan:
 
 
 class EpcWindow:
-    """The last scans of one EPC plus what the model carries between its scans."""
+    """The last scans of one EPC plus what the model carries between its scans.
 
-    __slots__ = ("scans", "first_t", "last_t", "facts", "hidden")
+    Millions of these are held at once, so a window is kept small: its scans in a tuple (the
+    featurizer replaces it, keeping the last `window_scans`), the LSTM state as raw float32
+    bytes, and the position (partition, offset) of the last scan applied, which the changelog
+    and replay detection need.
+    """
 
-    def __init__(self, facts: EpcFacts, first_t: float, size: int) -> None:
-        self.scans: deque[WindowScan] = deque(maxlen=size)
+    __slots__ = ("scans", "first_t", "last_t", "facts", "hidden", "partition", "offset")
+
+    def __init__(self, facts: EpcFacts, first_t: float) -> None:
+        self.scans: tuple[WindowScan, ...] = ()
         self.first_t = first_t
         self.last_t = first_t
         self.facts = facts
-        self.hidden: np.ndarray | None = None  # LSTM (h, c) stacked, shape (2, hidden)
+        self.hidden: bytes | None = None  # LSTM (h, c) as float32 bytes, 2 x hidden values
+        self.partition = -1  # -1: not applied from a partition (yet)
+        self.offset = -1
 
     def predecessor(self) -> WindowScan | None:
         for scan in reversed(self.scans):
@@ -126,7 +134,7 @@ class Featurizer:
 
     def new_window(self, scan: Scan) -> EpcWindow:
         facts = inspect_epc(scan.epc, self.reference.registered_prefixes)
-        return EpcWindow(facts, scan.t, self.window_scans)
+        return EpcWindow(facts, scan.t)
 
     def step(self, window: EpcWindow, scan: Scan, row: np.ndarray) -> Evidence:
         """Fill `row` with the scan's features, return rule evidence, append scan to window."""
@@ -138,17 +146,19 @@ class Featurizer:
         row[_F["scans_in_window"]] = len(window.scans) / self.window_scans
         row[_F["site_unknown"]] = scan.location not in self.reference.site_tiers
 
-        window.first_t = min(window.first_t, scan.t)
+        if scan.t < window.first_t:
+            window.first_t = scan.t
         self._epc_checks(window, scan, row, evidence)
         clone_of = self._dup_check(window, scan, row, evidence)
         previous = window.predecessor()
         if previous is not None and clone_of is None:
             self._transition_checks(window, previous, scan, tier, row, evidence)
 
-        window.scans.append(
-            WindowScan(scan.t, scan.location, tier, scan.etype, scan.event_id, clone_of is not None)
-        )
-        window.last_t = max(window.last_t, scan.t)
+        location = sys.intern(scan.location)  # one string per site, not one per scan kept
+        kept = WindowScan(scan.t, location, tier, scan.etype, scan.event_id, clone_of is not None)
+        window.scans = (*window.scans, kept)[-self.window_scans :]
+        if scan.t > window.last_t:
+            window.last_t = scan.t
         return evidence
 
     def _epc_checks(

@@ -83,26 +83,31 @@ class Inferencer:
     def _round(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> list[Verdict]:
         n = len(scans)
         x = np.empty((n, N_FEATURES), dtype=np.float32)
-        state = np.zeros((n, 2, self.hidden), dtype=np.float32)
         evidence: list[Evidence] = []
         touched: list[EpcWindow] = []
+        step = self.featurizer.step
         for j, scan in enumerate(scans):
             window = windows.get(scan.epc)
             if window is None:
                 window = self.featurizer.new_window(scan)
-            evidence.append(self.featurizer.step(window, scan, x[j]))
-            if window.hidden is not None:
-                state[j] = window.hidden
+            evidence.append(step(window, scan, x[j]))
             windows[scan.epc] = window
             touched.append(window)
 
+        # Each window carries its LSTM state as float32 bytes (h then c): gathered and scattered
+        # with one join and one slice per window.
+        size = 2 * 4 * self.hidden
+        blank = bytes(size)
+        state = np.frombuffer(
+            bytearray(b"".join([w.hidden or blank for w in touched])), dtype=np.float32
+        ).reshape(n, 2, self.hidden)
         with torch.inference_mode():
             logits, h, c = self.model.net.step(
                 torch.from_numpy(x), torch.from_numpy(state[:, 0]), torch.from_numpy(state[:, 1])
             )
-        carried = np.stack([h.numpy(), c.numpy()], axis=1)
+        carried = np.stack([h.numpy(), c.numpy()], axis=1).tobytes()
         for j, window in enumerate(touched):
-            window.hidden = carried[j].copy()
+            window.hidden = carried[j * size : (j + 1) * size]
 
         z = np.clip(logits.numpy() * self.slopes + self.intercepts, -40.0, 40.0)
         confidence = 1.0 / (1.0 + np.exp(-z))

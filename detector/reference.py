@@ -58,6 +58,9 @@ def poisson_cdf(k: int, rate: float) -> float:
     return min(1.0, sum(math.exp(i * log_rate - rate - math.lgamma(i + 1)) for i in range(k + 1)))
 
 
+MEMO_MAX = 100_000
+
+
 @dataclass
 class Reference:
     """Learned reference data; lookups are dictionary reads, cheap enough per scan."""
@@ -73,8 +76,12 @@ class Reference:
     min_route_support: int
     max_speed_kmh: float
     stats: dict[str, Any] = field(default_factory=dict)
-    # Memo of distance ratios per hop: a network has few routes and they repeat all day.
+    # Memos per hop: a network has few routes and they repeat all day. Cleared when large, so
+    # a stream of made-up site ids cannot grow them without bound.
     _ratios: dict[tuple[str, str, int, int], float | None] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _bounds: dict[tuple[str, str, int, int], tuple[float, str]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -121,6 +128,17 @@ class Reference:
         self, origin: str, destination: str, origin_tier: int, destination_tier: int
     ) -> tuple[float, str]:
         """The fastest believable hop in seconds and where that bound comes from."""
+        key = (origin, destination, origin_tier, destination_tier)
+        bound = self._bounds.get(key)
+        if bound is None:
+            if len(self._bounds) >= MEMO_MAX:
+                self._bounds.clear()
+            bound = self._bounds[key] = self._hop_bound(*key)
+        return bound
+
+    def _hop_bound(
+        self, origin: str, destination: str, origin_tier: int, destination_tier: int
+    ) -> tuple[float, str]:
         learned = self.route_bound_s.get((origin, destination))
         source = "route"
         if learned is None:
@@ -144,6 +162,8 @@ class Reference:
         """
         key = (origin, destination, origin_tier, destination_tier)
         if key not in self._ratios:
+            if len(self._ratios) >= MEMO_MAX:
+                self._ratios.clear()
             a = self.coordinates.get(origin)
             b = self.coordinates.get(destination)
             tiers = f"{origin_tier}-{destination_tier}"
