@@ -50,8 +50,9 @@ MODEL_ONLY_MASK: tuple[str, ...] = tuple(
         key=FEATURE_NAMES.index,
     )
 )
-# Network shapes, used in turn by the network seeds given: each differs in sites, companies,
-# route fan-out and hop-time scale.
+# Network shapes, chosen by the network seed (seed 1 the first, 2 the second, ...; in turn
+# beyond): each differs in sites, companies, route fan-out and hop-time scale. By seed, not by
+# position, so `--seeds 2` alone evaluates the same network as the second of `--seeds 1,2,3`.
 NETWORK_SHAPES: tuple[dict[str, Any], ...] = (
     {},
     {
@@ -422,8 +423,8 @@ def run_evaluation(
     started = time.monotonic()
     networks = []
     with tempfile.TemporaryDirectory(prefix="epcwatch-eval-") as tmp:
-        for i, seed in enumerate(network_seeds):
-            shape = NETWORK_SHAPES[i % len(NETWORK_SHAPES)]
+        for seed in network_seeds:
+            shape = NETWORK_SHAPES[(seed - 1) % len(NETWORK_SHAPES)]
             workdir = Path(tmp) / f"network-{seed}"
             networks.append(
                 evaluate_network(
