@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         0.2, gt=0, lt=1, description="share of history EPCs given an injected anomaly"
     )
     validation_share: float = Field(0.25, gt=0, lt=1, description="EPCs held out for validation")
+    train_max_epcs: int = Field(
+        40_000,
+        ge=100,
+        description="EPCs the LSTM trains and validates on at most (sampled); the network is "
+        "learned from all of history",
+    )
     seed: int = Field(7, description="random seed for training and injection")
 
     # Windows and state.

@@ -288,6 +288,13 @@ def calibrate(
     return scalers, thresholds, metrics
 
 
+def _sample(journeys: dict[str, list[Row]], limit: int, rng: random.Random) -> dict[str, list[Row]]:
+    """At most `limit` of the journeys, drawn at random."""
+    if len(journeys) <= limit:
+        return journeys
+    return {epc: journeys[epc] for epc in rng.sample(sorted(journeys), limit)}
+
+
 def train_model(
     records: Iterable[dict[str, Any]],
     settings: Settings,
@@ -321,6 +328,11 @@ def train_model(
     reference = learn_reference(scan_frame(train_set), settings, locations)
     scalars = {k: v for k, v in reference.stats.items() if not isinstance(v, dict)}
     log.info("reference_learned", **scalars, invalid_rows=journeys.invalid)
+    # The network is learned from every journey; the LSTM needs a sample of journeys, not all
+    # of them, which keeps training time bounded however long the history is.
+    train_limit = max(1, int(settings.train_max_epcs * (1.0 - settings.validation_share)))
+    train_set = _sample(train_set, train_limit, rng)
+    valid_set = _sample(valid_set, max(1, settings.train_max_epcs - train_limit), rng)
 
     featurizer = Featurizer(reference, settings)
     suspects = {
@@ -356,6 +368,7 @@ def train_model(
         "invalid_rows": journeys.invalid,
         "train_epcs": len(train_set),
         "validation_epcs": len(valid_set),
+        "train_max_epcs": settings.train_max_epcs,
         "suspect_epcs_dropped": suspects,
         "injected_incidents": {"train": len(train_incidents), "validation": len(valid_incidents)},
         "seconds": round(time.monotonic() - started, 1),

@@ -57,7 +57,7 @@ class BenchOptions:
     scans: int = 1_000_000
     rate_per_s: float = 5000.0
     latency_s: float = 30.0
-    train_scans: int = 250_000
+    train_scans: int = 1_000_000
     anomaly_share: float = 0.05
     seed: int = 11
     results_dir: Path = Path("bench/results")

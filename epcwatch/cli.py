@@ -482,15 +482,14 @@ def bench(
     latency_s: Annotated[float, typer.Option(help="length of the latency run (0: skip)")] = 30.0,
     train_scans: Annotated[
         int, typer.Option(help="history scans for the training time (0: skip)")
-    ] = 250_000,
+    ] = 1_000_000,
     results: Annotated[Path, typer.Option(help="where the JSON goes")] = Path("bench/results"),
 ) -> None:
     """Measure throughput, latency and memory on the local broker, on topics of its own.
 
     Publishes a simulated stream once, then measures the bare consume rate (the ceiling), the
     detector end to end, alert latency at a fixed rate, memory per EPC, scoring and training.
-    Prints a table and writes JSON named by date. Training defaults to 250,000 scans because
-    1,000,000 takes longer than five minutes on two shared cores.
+    Prints a table and writes JSON named by date.
 
     Example: epcwatch bench --scans 100000 --latency-s 10 --train-scans 0
     """

@@ -234,3 +234,36 @@ def test_evaluate_command_has_help_with_an_example():
     result = CliRunner().invoke(app, ["evaluate", "--help"])
     assert result.exit_code == 0, result.output
     assert "Example: epcwatch evaluate" in result.output.replace("\n", " ").replace("│", "")
+
+
+@pytest.mark.slow
+def test_a_long_history_trains_the_lstm_on_a_sample_and_learns_the_network_from_all(tmp_path):
+    from detector.artifact import load_model
+    from detector.train import train_model
+    from producer.simulate import locations_frame, simulate
+
+    settings = Settings(train_epochs_max=2, train_max_epcs=400)
+    history = simulate(2000, 4, settings)
+    records = [
+        {k: v for k, v in r.items() if not k.startswith("_")}
+        for r in history.rows_in_arrival_order()
+    ]
+    model = load_model(
+        train_model(records, settings, tmp_path, locations_frame(history.network), False)
+    )
+    training = model.meta["training"]
+    assert training["history_epcs"] >= 1900
+    assert training["train_epcs"] == 300 and training["validation_epcs"] == 100
+    unsampled = load_model(
+        train_model(
+            records,
+            Settings(train_epochs_max=1),
+            tmp_path,
+            locations_frame(history.network),
+            False,
+        )
+    )
+    assert unsampled.meta["training"]["train_epcs"] > 1000
+    # The network is learned from all of history either way.
+    assert model.reference.route_support == unsampled.reference.route_support
+    assert model.reference.route_bound_s == unsampled.reference.route_bound_s
