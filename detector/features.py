@@ -17,7 +17,7 @@ import numpy as np
 
 from config import Settings
 from detector.epc import EpcFacts, inspect_epc, time_defects
-from detector.reference import Reference
+from detector.reference import MEMO_MAX, Reference
 from detector.schema import (
     EVENT_TYPES,
     INBOUND_EVENTS,
@@ -68,6 +68,16 @@ _DEFECT_FEATURE = {
     "too_old": _F["epc_too_old"],
 }
 # Features that are rule checks, per anomaly type: the "rules-only" detector reads these.
+# The features of a move that depend only on its two ends (see `Featurizer._hop_facts`): a
+# run of consecutive columns, written as one slice.
+_HOP_FEATURES = slice(_F["log_bound_hours"], _F["log_distance_over_typical"] + 1)
+assert FEATURE_NAMES[_HOP_FEATURES] == (
+    "log_bound_hours",
+    "log_route_shipments",
+    "route_share_of_origin",
+    "log_origin_shipments",
+    "log_distance_over_typical",
+)
 RULE_FEATURES: dict[str, tuple[int, ...]] = {
     "epcFake": tuple(_DEFECT_FEATURE.values()),
     "epcDup": (_F["read_elsewhere_within_dup_window"],),
@@ -131,6 +141,7 @@ class Featurizer:
         self.window_scans = settings.window_scans
         self.dup_window_s = settings.dup_window_s
         self.max_age_days = settings.max_epc_age_days
+        self._hops: dict[tuple[str, str, int, int], tuple[Any, ...]] = {}
 
     def new_window(self, scan: Scan) -> EpcWindow:
         facts = inspect_epc(scan.epc, self.reference.registered_prefixes)
@@ -195,6 +206,37 @@ class Featurizer:
         }
         return nearest
 
+    def _hop_facts(
+        self, origin: str, destination: str, origin_tier: int, destination_tier: int
+    ) -> tuple[Any, ...]:
+        """What the reference says of a move, memoised per move (routes repeat all day):
+        (bound_s, bound source, route shipments, origin shipments, route known, the values of
+        `_HOP_FEATURES`)."""
+        key = (origin, destination, origin_tier, destination_tier)
+        facts = self._hops.get(key)
+        if facts is not None:
+            return facts
+        ref = self.reference
+        bound, source = ref.hop_bound(*key)
+        shipments = ref.route_support.get((origin, destination), 0)
+        from_origin = ref.origin_shipments(origin)
+        ratio = ref.distance_ratio(*key)
+        features = np.array(
+            [
+                math.log1p(bound / 3600.0),
+                math.log1p(shipments) / 5.0,
+                shipments / from_origin if from_origin else 0.0,
+                math.log1p(from_origin) / 5.0,
+                0.0 if ratio is None else max(-3.0, min(3.0, math.log(ratio + 1e-3))) / 3,
+            ],
+            dtype=np.float32,
+        )
+        facts = (bound, source, shipments, from_origin, ref.route_known(origin, destination))
+        if len(self._hops) >= MEMO_MAX:
+            self._hops.clear()  # a stream of made-up site ids cannot grow it without bound
+        self._hops[key] = facts = (*facts, features)
+        return facts
+
     def _transition_checks(
         self,
         window: EpcWindow,
@@ -244,16 +286,9 @@ class Featurizer:
         if same_site:
             return
 
-        bound, source = ref.hop_bound(previous.location, scan.location, previous.tier, tier)
-        row[_F["log_bound_hours"]] = math.log1p(bound / 3600.0)
-        shipments = ref.route_support.get((previous.location, scan.location), 0)
-        from_origin = ref.origin_shipments(previous.location)
-        row[_F["log_route_shipments"]] = math.log1p(shipments) / 5.0
-        row[_F["route_share_of_origin"]] = shipments / from_origin if from_origin else 0.0
-        row[_F["log_origin_shipments"]] = math.log1p(from_origin) / 5.0
-        ratio = ref.distance_ratio(previous.location, scan.location, previous.tier, tier)
-        if ratio is not None:
-            row[_F["log_distance_over_typical"]] = max(-3.0, min(3.0, math.log(ratio + 1e-3))) / 3
+        hop = self._hop_facts(previous.location, scan.location, previous.tier, tier)
+        bound, source, shipments, from_origin, known = hop[:5]
+        row[_HOP_FEATURES] = hop[5]
         if dt >= 0 and bound > 0:
             row[_F["log_hop_over_bound"]] = max(-5.0, min(5.0, math.log(max(dt, 1.0) / bound)))
             if dt < bound:
@@ -268,7 +303,7 @@ class Featurizer:
         if tier < previous.tier:
             row[_F["tier_regression"]] = 1.0
             evidence["locErr"] = {"problem": "step_regression", **_hop(previous, scan, tier)}
-        elif not ref.route_known(previous.location, scan.location):
+        elif not known:
             row[_F["route_unknown"]] = 1.0
             evidence["locErr"] = {
                 "problem": "unknown_route",
