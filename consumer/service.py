@@ -177,8 +177,12 @@ class DetectorService:
                 if messages:
                     self.process(messages)
                 elif self.settings.idle_exit_s and now - last_input >= self.settings.idle_exit_s:
-                    log.info("detector_idle_exit", idle_s=self.settings.idle_exit_s)
-                    break
+                    # Nothing came for a while, but a restore or a slow fetch can do that too:
+                    # the broker must confirm every owned partition is read to its end.
+                    if self._caught_up():
+                        log.info("detector_idle_exit", idle_s=self.settings.idle_exit_s)
+                        break
+                    last_input = now
                 if now - last_full_gc >= GC_FULL_EVERY_S:
                     last_full_gc = now
                     self._collect_garbage()
@@ -501,6 +505,40 @@ class DetectorService:
         m.tracked.set(len(self.windows))
         m.evicted.set(self.windows.evicted)
         m.expired.set(self.windows.expired)
+
+    def _caught_up(self) -> bool:
+        """Whether every owned partition is read to its end and committed, asked of the broker.
+
+        A batch whose commit was abandoned (the group's generation ended under it) left its
+        offsets uncommitted although its outputs were delivered: at-least-once commits them
+        here, once the partitions are owned again (exactly-once rewinds such a batch instead).
+        """
+        topic = self.settings.topic_scans
+        partitions = [TopicPartition(topic, p) for p in sorted(self.assigned)]
+        behind: dict[tuple[str, int], int] = {}
+        try:
+            positions = self.consumer.position(partitions)
+            committed = {
+                tp.partition: tp.offset for tp in self.consumer.committed(partitions, timeout=10)
+            }
+            for tp in positions:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+                done = committed.get(tp.partition, -1)
+                # Before its first message a partition has no position: it starts from its
+                # committed offset, or from the beginning when it has none.
+                read = tp.offset if tp.offset >= 0 else done
+                if (read if read >= 0 else low) < high:
+                    return False
+                if read > done:
+                    behind[(topic, tp.partition)] = read
+        except KafkaException as exc:
+            log.warning("caught_up_check_failed", error=str(exc))
+            return False
+        if behind:
+            if not self.exactly_once:  # exactly-once rewinds an aborted batch instead
+                self._commit(behind)
+            return False
+        return bool(partitions)
 
     def _refresh_gauges(self) -> None:
         topic = self.settings.topic_scans

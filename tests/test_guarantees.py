@@ -138,7 +138,7 @@ def test_sigkill_five_times_while_the_stream_flows_loses_no_alert(trained_model,
     publisher.join(120)
     final = run_detector(settings, idle_exit_s=6.0)
     assert final.returncode == 0, final.stderr[-3000:]
-    assert committed_all(settings)
+    assert committed_all(settings), final.stderr[-3000:]
 
     alerts = read_alerts(settings)
     check_alerts_against_labels(alerts, stream.incidents)
