@@ -32,7 +32,7 @@ from consumer.decode import decode_scan
 from consumer.metrics import DetectorMetrics, serve
 from consumer.state import WindowStore, restore_partitions
 from detector.artifact import ModelUnavailable, load_model
-from detector.inferencer import Inferencer, Verdict
+from detector.inferencer import Inferencer, ScoredBatch
 from detector.schema import Scan
 from drift.monitor import ScoreMonitor
 from producer.kafka import DeliveryTracker, make_producer, produce_with_backpressure
@@ -275,12 +275,16 @@ class DetectorService:
         self, scans: list[Scan], positions: list[tuple[int, int]], tracker: DeliveryTracker
     ) -> None:
         inferencer = self.inferencer
-        verdicts = inferencer.score(scans, self.windows)
-        self.metrics.scored.inc(len(verdicts))
-        self.counters.scored += len(verdicts)
-        for verdict, (partition, offset) in zip(verdicts, positions, strict=True):
-            self.windows.mark(verdict.scan.epc, partition, offset)
-            for alert in inferencer.alerts(verdict, self.windows) if verdict.flagged else ():
+        batch = inferencer.score_batch(scans, self.windows)
+        self.metrics.scored.inc(len(scans))
+        self.counters.scored += len(scans)
+        mark = self.windows.mark
+        for scan, (partition, offset) in zip(scans, positions, strict=True):
+            mark(scan.epc, partition, offset)
+        for verdict in batch.verdicts:
+            if not verdict.flagged:
+                continue
+            for alert in inferencer.alerts(verdict, self.windows):
                 self.counters.alerts[alert.anomaly_type] += 1
                 self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()
                 produce_with_backpressure(
@@ -290,15 +294,15 @@ class DetectorService:
                     value=alert.model_dump_json().encode(),
                     on_delivery=tracker,
                 )
-        self._watch_drift(verdicts, tracker)
+        self._watch_drift(scans, batch, tracker)
 
-    def _watch_drift(self, verdicts: list[Verdict], tracker: DeliveryTracker) -> None:
+    def _watch_drift(self, scans: list[Scan], batch: ScoredBatch, tracker: DeliveryTracker) -> None:
         rejected_before = self.monitor.rejected
         events = self.monitor.observe_batch(
-            [v.flagged for v in verdicts],
-            np.array([v.confidence for v in verdicts]).max(axis=1),
-            np.array([v.features for v in verdicts]),
-            np.array([v.scan.t for v in verdicts]),
+            [v.flagged for v in batch.verdicts],
+            batch.confidence.max(axis=1),
+            batch.features,
+            np.array([scan.t for scan in scans]),
             self.inferencer.version,
         )
         self.metrics.nan_scores.inc(self.monitor.rejected - rejected_before)

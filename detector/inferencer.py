@@ -34,10 +34,18 @@ class Verdict:
     """What the detector concluded about one scan."""
 
     scan: Scan
-    confidence: np.ndarray  # calibrated, one per anomaly type
+    confidence: np.ndarray  # calibrated, one per anomaly type (a row of the batch's matrix)
     flagged: tuple[str, ...]
     evidence: Evidence
-    features: np.ndarray  # the feature row the model read (a view into the batch)
+
+
+@dataclass(slots=True)
+class ScoredBatch:
+    """A batch's verdicts in scan order, and the matrices drift monitoring reads."""
+
+    verdicts: list[Verdict]
+    confidence: np.ndarray  # (scans, anomaly types), calibrated
+    features: np.ndarray  # (scans, features): the rows the model read
 
 
 class Inferencer:
@@ -64,6 +72,12 @@ class Inferencer:
 
     def score(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> list[Verdict]:
         """Verdicts for `scans` in their order; windows are updated in place."""
+        return self.score_batch(scans, windows).verdicts
+
+    def score_batch(
+        self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]
+    ) -> ScoredBatch:
+        """`score`, with the batch's confidence and feature matrices in scan order."""
         rounds: list[list[int]] = []
         occurrences: dict[str, int] = {}
         for i, scan in enumerate(scans):
@@ -72,15 +86,21 @@ class Inferencer:
             if k == len(rounds):
                 rounds.append([])
             rounds[k].append(i)
-        verdicts: list[Verdict | None] = [None] * len(scans)
+        if len(rounds) == 1:  # no EPC twice in the batch: the round is the batch
+            return self._round(scans, windows)
+        n = len(scans)
+        verdicts: list[Verdict | None] = [None] * n
+        confidence = np.zeros((n, len(ANOMALY_TYPES)), dtype=np.float32)
+        features = np.zeros((n, N_FEATURES), dtype=np.float32)
         for members in rounds:
-            for i, verdict in zip(
-                members, self._round([scans[i] for i in members], windows), strict=True
-            ):
+            part = self._round([scans[i] for i in members], windows)
+            for i, verdict in zip(members, part.verdicts, strict=True):
                 verdicts[i] = verdict
-        return verdicts  # type: ignore[return-value]
+            confidence[members] = part.confidence
+            features[members] = part.features
+        return ScoredBatch(verdicts, confidence, features)  # type: ignore[arg-type]
 
-    def _round(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> list[Verdict]:
+    def _round(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> ScoredBatch:
         n = len(scans)
         x = np.empty((n, N_FEATURES), dtype=np.float32)
         evidence: list[Evidence] = []
@@ -118,13 +138,17 @@ class Inferencer:
         for j, found in enumerate(evidence):
             for anomaly_type in found:  # most scans have none
                 evidence_found[j, TYPE_INDEX[anomaly_type]] = True
-        if not self.rules_gate:
-            return self._verdicts(scans, confidence, confidence >= self.thresholds, evidence, x)
-        flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
-        confidence = np.where(
-            evidence_found & self.exact, np.maximum(confidence, self.rule_confidence), confidence
-        )
-        return self._verdicts(scans, confidence, flagged, evidence, x)
+        if self.rules_gate:
+            flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
+            confidence = np.where(
+                evidence_found & self.exact,
+                np.maximum(confidence, self.rule_confidence),
+                confidence,
+            )
+        else:
+            flagged = confidence >= self.thresholds
+        confidence = confidence.astype(np.float32, copy=False)
+        return ScoredBatch(self._verdicts(scans, confidence, flagged, evidence), confidence, x)
 
     @staticmethod
     def _verdicts(
@@ -132,12 +156,11 @@ class Inferencer:
         confidence: np.ndarray,
         flagged: np.ndarray,
         evidence: list[Evidence],
-        x: np.ndarray,
     ) -> list[Verdict]:
         types = [()] * len(scans)
         for j in np.flatnonzero(flagged.any(axis=1)).tolist():  # most scans are flagged nothing
             types[j] = tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit)
-        return list(map(Verdict, scans, confidence, types, evidence, x))
+        return list(map(Verdict, scans, confidence, types, evidence))
 
     def alerts(self, verdict: Verdict, windows: MutableMapping[str, EpcWindow]) -> list[Alert]:
         """Alerts for a verdict; a clone also flags the earlier read it pairs with."""

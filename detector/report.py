@@ -154,11 +154,11 @@ def _score_records(
     bar = tqdm(desc="scoring", unit="scan", disable=not show_progress)
 
     def flush() -> None:
-        verdicts = inferencer.score([s for s, _ in pending], windows)
+        batch = inferencer.score_batch([s for s, _ in pending], windows)
+        verdicts = batch.verdicts
         flags = np.zeros((len(verdicts), n_types), dtype=np.int8)
-        conf = np.zeros((len(verdicts), n_types), dtype=np.float32)
+        conf = batch.confidence.copy()
         for j, verdict in enumerate(verdicts):
-            conf[j] = verdict.confidence
             for anomaly_type in verdict.flagged:
                 flags[j, ANOMALY_TYPES.index(anomaly_type)] = 1
         detected.append(flags)

@@ -57,15 +57,15 @@ def _watch(model_dir, streams, settings):
     for stream in streams:
         scans = [to_scan(r) for r in stream.rows_in_arrival_order()]
         for i in range(0, len(scans), 2000):
-            verdicts = inferencer.score(scans[i : i + 2000], windows)
-            seen += len(verdicts)
-            for verdict in verdicts:
+            batch = inferencer.score_batch(scans[i : i + 2000], windows)
+            seen += len(batch.verdicts)
+            for verdict in batch.verdicts:
                 flagged.extend(verdict.flagged)
             for event in monitor.observe_batch(
-                [v.flagged for v in verdicts],
-                np.array([v.confidence for v in verdicts]).max(axis=1),
-                np.array([v.features for v in verdicts]),
-                np.array([v.scan.t for v in verdicts]),
+                [v.flagged for v in batch.verdicts],
+                batch.confidence.max(axis=1),
+                batch.features,
+                np.array([v.scan.t for v in batch.verdicts]),
                 "test",
             ):
                 events.append((seen, event))  # the batch that raised it
