@@ -45,6 +45,8 @@ FLUSH_TIMEOUT_S = 60.0
 TRANSACTION_TIMEOUT_S = 30.0
 GC_YOUNG_THRESHOLD = 10_000
 GC_FULL_EVERY_S = 600.0
+# Expiry looks at every window, so it runs at most this often (in wall time), not every batch.
+EXPIRE_EVERY_S = 1.0
 
 
 GROUP_GONE = frozenset(
@@ -101,8 +103,16 @@ class DetectorService:
         self.model_path = settings.model_dir.resolve()
         self.inferencer = Inferencer(model, settings)
         self.metrics.set_model(model.version)
-        self.windows = WindowStore(settings.state_max_epcs, settings.state_ttl_s)
+        self.windows = WindowStore(
+            settings.window_scans,
+            self.inferencer.hidden,
+            model.reference.registered_prefixes,
+            settings.state_max_epcs,
+            settings.state_ttl_s,
+        )
         self.watermarks: dict[int, float] = {}
+        self.replay_upto: dict[int, int] = {}  # per partition: scans up to here may be replays
+        self.last_expiry = 0.0
         self.monitor = ScoreMonitor(
             settings.drift_delta,
             settings.drift_min_scans,
@@ -241,7 +251,9 @@ class DetectorService:
                 self.counters.dead_lettered += 1
                 self.metrics.dead_letters.inc()
                 continue
-            if self.windows.applied(decoded.epc, partition, offset):
+            if offset <= self.replay_upto.get(partition, -1) and self.windows.applied(
+                decoded.epc, partition, offset
+            ):
                 self.counters.replayed += 1
                 self.metrics.replayed.inc()
                 continue
@@ -261,7 +273,7 @@ class DetectorService:
 
         if scans:
             self._score(scans, positions, tracker)
-        self.windows.expire()
+        self._bound_state()
         if self.exactly_once:
             self._commit_transaction(offsets)
         else:
@@ -274,17 +286,14 @@ class DetectorService:
     def _score(
         self, scans: list[Scan], positions: list[tuple[int, int]], tracker: DeliveryTracker
     ) -> None:
-        inferencer = self.inferencer
-        batch = inferencer.score_batch(scans, self.windows)
+        inferencer, windows = self.inferencer, self.windows
+        batch = inferencer.score_batch(scans, windows)
         self.metrics.scored.inc(len(scans))
         self.counters.scored += len(scans)
-        mark = self.windows.mark
-        for scan, (partition, offset) in zip(scans, positions, strict=True):
-            mark(scan.epc, partition, offset)
-        for verdict in batch.verdicts:
-            if not verdict.flagged:
-                continue
-            for alert in inferencer.alerts(verdict, self.windows):
+        where = np.array(positions, dtype=np.int64).reshape(-1, 2)
+        windows.mark(batch.slots, where[:, 0], where[:, 1])
+        for i in batch.flagged_rows().tolist():
+            for alert in inferencer.alerts(batch, i, windows):
                 self.counters.alerts[alert.anomaly_type] += 1
                 self.metrics.alerts.labels(alert.anomaly_type, alert.severity).inc()
                 produce_with_backpressure(
@@ -296,13 +305,22 @@ class DetectorService:
                 )
         self._watch_drift(scans, batch, tracker)
 
+    def _bound_state(self) -> None:
+        """The cap after every batch; expiry (a pass over all windows) once per
+        `EXPIRE_EVERY_S`."""
+        self.windows.bound()
+        now = time.monotonic()
+        if now - self.last_expiry >= EXPIRE_EVERY_S:
+            self.last_expiry = now
+            self.windows.expire()
+
     def _watch_drift(self, scans: list[Scan], batch: ScoredBatch, tracker: DeliveryTracker) -> None:
         rejected_before = self.monitor.rejected
         events = self.monitor.observe_batch(
-            [v.flagged for v in batch.verdicts],
+            batch.flags,
             batch.confidence.max(axis=1),
             batch.features,
-            np.array([scan.t for scan in scans]),
+            batch.t,
             self.inferencer.version,
         )
         self.metrics.nan_scores.inc(self.monitor.rejected - rejected_before)
@@ -433,8 +451,8 @@ class DetectorService:
         self.inferencer = Inferencer(model, self.settings)
         self.model_path = target
         # LSTM state belongs to the model that produced it; the new one starts from the window.
-        for window in self.windows.values():
-            window.hidden = None
+        self.windows.reset_hidden(self.inferencer.hidden)
+        self.windows.registered = model.reference.registered_prefixes
         # The drift monitors' levels describe what the old model made of the stream (its
         # scores, its alert rates, the routes it knew). Compared with the new model's, they
         # would report the swap itself as drift and ask for another retrain once the cooldown
@@ -454,21 +472,14 @@ class DetectorService:
         log.info("model_switched", previous=previous, model_version=model.version)
 
     def _restore(self, partitions: list[int]) -> int:
-        reference = self.inferencer.model.reference
         started = time.monotonic()
         restored = restore_partitions(
-            self.windows,
-            self.settings.bootstrap_servers,
-            self.settings.topic_state,
-            partitions,
-            reference.registered_prefixes,
-            self.settings.window_scans,
-            self.inferencer.hidden,
+            self.windows, self.settings.bootstrap_servers, self.settings.topic_state, partitions
         )
-        for window in self.windows.values():
-            if window.partition in partitions:
-                mark = self.watermarks.get(window.partition, float("-inf"))
-                self.watermarks[window.partition] = max(mark, window.last_t)
+        for p in partitions:
+            mark = self.watermarks.get(p, float("-inf"))
+            self.watermarks[p] = max(mark, self.windows.partition_watermark(p))
+            self.replay_upto[p] = self.windows.replay_horizon(p)
         self.metrics.restored.inc(restored)
         log.info(
             "windows_restored",
@@ -493,6 +504,7 @@ class DetectorService:
         dropped = self.windows.drop_partitions(numbers)
         for p in numbers:
             self.watermarks.pop(p, None)
+            self.replay_upto.pop(p, None)
         log.info("partitions_revoked", partitions=sorted(numbers), windows_dropped=dropped)
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

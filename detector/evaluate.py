@@ -29,7 +29,7 @@ import structlog
 from config import Settings
 from detector.artifact import load_model
 from detector.calibration import reliability
-from detector.features import FEATURE_NAMES, N_FEATURES, RULE_FEATURES, EpcWindow, Featurizer
+from detector.features import FEATURE_NAMES, RULE_FEATURES, Featurizer
 from detector.inferencer import Inferencer
 from detector.inject import Incident
 from detector.reference import Reference
@@ -239,24 +239,16 @@ def rules_only_flags(
 ) -> np.ndarray:
     """The rule checks alone over a stream; a clone check also flags the read it pairs with."""
     featurizer = Featurizer(reference, settings)
-    windows: dict[str, EpcWindow] = {}
-    x = np.zeros((len(records), N_FEATURES), dtype=np.float32)
-    row_of: dict[str, int] = {}
-    pairs: list[tuple[int, str]] = []
-    for i, record in enumerate(records):
-        scan = to_scan(record, settings.site_timezone)
-        window = windows.get(scan.epc)
-        if window is None:
-            window = windows[scan.epc] = featurizer.new_window(scan)
-        evidence = featurizer.step(window, scan, x[i])
-        row_of[scan.event_id] = i
-        if "epcDup" in evidence:
-            pairs.append((i, evidence["epcDup"]["other_event_id"]))
-    flags = rule_flags(x)
+    table = featurizer.table()
+    scans = [to_scan(record, settings.site_timezone) for record in records]
+    done = featurizer.batch(table, scans)
+    flags = rule_flags(done.x)
+    row_of = {scan.event_id: i for i, scan in enumerate(scans)}
     dup = ANOMALY_TYPES.index("epcDup")
-    for i, other in pairs:
-        if flags[i, dup] and other in row_of:
-            flags[row_of[other], dup] = True
+    for i in np.flatnonzero(flags[:, dup]).tolist():
+        other = row_of.get(featurizer.other_read(done, i, table)[0])
+        if other is not None:
+            flags[other, dup] = True
     return flags
 
 
@@ -281,19 +273,20 @@ def ungated_model_flags(
     A clone flagged on its later read also flags the earlier read, as the detector does.
     """
     inferencer = Inferencer(load_model(model_dir), settings, rules_gate=False)
-    windows: dict[str, EpcWindow] = {}
+    table = inferencer.table()
     flags = np.zeros((len(records), len(ANOMALY_TYPES)), dtype=bool)
     row_of: dict[str, int] = {}
     dup = ANOMALY_TYPES.index("epcDup")
     for start in range(0, len(records), SCORE_BATCH):
         scans = [to_scan(r, settings.site_timezone) for r in records[start : start + SCORE_BATCH]]
-        for j, verdict in enumerate(inferencer.score(scans, windows)):
-            i = start + j
-            row_of[verdict.scan.event_id] = i
-            flags[i] = [t in verdict.flagged for t in ANOMALY_TYPES]
-            other = verdict.evidence.get("epcDup", {}).get("other_event_id")
-            if flags[i, dup] and other in row_of:
-                flags[row_of[other], dup] = True
+        batch = inferencer.score_batch(scans, table)
+        flags[start : start + len(scans)] = batch.flags
+        for j, scan in enumerate(scans):
+            row_of[scan.event_id] = start + j
+        for j in np.flatnonzero(batch.flags[:, dup] & batch.featurized.found[:, dup]).tolist():
+            other = row_of.get(inferencer.featurizer.other_read(batch.featurized, j, table)[0])
+            if other is not None:
+                flags[other, dup] = True
     return flags
 
 

@@ -2,12 +2,13 @@
 
 A batch is split into rounds: round k holds the k-th scan of each EPC in the batch, so scans of
 one EPC are applied in arrival order while each round is one forward pass. Most batches are one
-round; a burst of scans of one EPC adds rounds, never a pass per scan.
+round; a burst of scans of one EPC adds rounds, never a pass per scan. Only flagged scans cost
+Python objects afterwards: verdicts, evidence and alerts are built for them alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -17,9 +18,10 @@ import torch
 from config import Settings
 from detector.alert import Alert, Explanation, alert_id, explain, now_iso, severity_of
 from detector.artifact import LoadedModel
-from detector.features import N_FEATURES, EpcWindow, Evidence, Featurizer
+from detector.features import Evidence, Featurized, Featurizer, Round
 from detector.schema import ANOMALY_TYPES, Scan
 from detector.train import EXACT_TYPES
+from detector.windows import WindowTable
 
 TYPE_INDEX = {t: i for i, t in enumerate(ANOMALY_TYPES)}
 RULE_NAMES = {
@@ -41,11 +43,34 @@ class Verdict:
 
 @dataclass(slots=True)
 class ScoredBatch:
-    """A batch's verdicts in scan order, and the matrices drift monitoring reads."""
+    """A featurized batch with its decisions: `flags` and calibrated `confidence` are
+    (scans, anomaly types), in scan order."""
 
-    verdicts: list[Verdict]
-    confidence: np.ndarray  # (scans, anomaly types), calibrated
-    features: np.ndarray  # (scans, features): the rows the model read
+    featurized: Featurized
+    flags: np.ndarray
+    confidence: np.ndarray
+
+    @property
+    def scans(self) -> Sequence[Scan]:
+        return self.featurized.scans
+
+    @property
+    def slots(self) -> np.ndarray:
+        return self.featurized.slots
+
+    @property
+    def t(self) -> np.ndarray:
+        return self.featurized.t
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.featurized.x
+
+    def flagged_rows(self) -> np.ndarray:
+        return np.flatnonzero(self.flags.any(axis=1))
+
+    def types(self, i: int) -> tuple[str, ...]:
+        return tuple(t for t, hit in zip(ANOMALY_TYPES, self.flags[i], strict=True) if hit)
 
 
 class Inferencer:
@@ -70,107 +95,73 @@ class Inferencer:
     def version(self) -> str:
         return self.model.version
 
-    def score(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> list[Verdict]:
-        """Verdicts for `scans` in their order; windows are updated in place."""
-        return self.score_batch(scans, windows).verdicts
+    def table(self, capacity: int = 1024) -> WindowTable:
+        """An empty window table this inferencer can score against."""
+        return self.featurizer.table(self.hidden, capacity)
 
-    def score_batch(
-        self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]
-    ) -> ScoredBatch:
-        """`score`, with the batch's confidence and feature matrices in scan order."""
-        rounds: list[list[int]] = []
-        occurrences: dict[str, int] = {}
-        for i, scan in enumerate(scans):
-            k = occurrences.get(scan.epc, 0)
-            occurrences[scan.epc] = k + 1
-            if k == len(rounds):
-                rounds.append([])
-            rounds[k].append(i)
-        if len(rounds) == 1:  # no EPC twice in the batch: the round is the batch
-            return self._round(scans, windows)
+    def score(self, scans: Sequence[Scan], table: WindowTable) -> list[Verdict]:
+        """A verdict for every scan, in order; windows are updated in place."""
+        batch = self.score_batch(scans, table)
+        evidence = [self.evidence(batch, i, table) for i in range(len(scans))]
+        return [
+            Verdict(scan, batch.confidence[i], batch.types(i), evidence[i])
+            for i, scan in enumerate(scans)
+        ]
+
+    def score_batch(self, scans: Sequence[Scan], table: WindowTable) -> ScoredBatch:
+        """Flags and confidences of `scans` in their order; windows are updated in place."""
+        done = self.featurizer.batch(table, scans)
         n = len(scans)
-        verdicts: list[Verdict | None] = [None] * n
-        confidence = np.zeros((n, len(ANOMALY_TYPES)), dtype=np.float32)
-        features = np.zeros((n, N_FEATURES), dtype=np.float32)
-        for members in rounds:
-            part = self._round([scans[i] for i in members], windows)
-            for i, verdict in zip(members, part.verdicts, strict=True):
-                verdicts[i] = verdict
-            confidence[members] = part.confidence
-            features[members] = part.features
-        return ScoredBatch(verdicts, confidence, features)  # type: ignore[arg-type]
+        batch = ScoredBatch(
+            done,
+            np.zeros((n, len(ANOMALY_TYPES)), dtype=bool),
+            np.zeros((n, len(ANOMALY_TYPES)), dtype=np.float32),
+        )
+        for rnd, members in zip(done.rounds, done.members, strict=True):
+            batch.flags[members], batch.confidence[members] = self._decide(rnd, table)
+        return batch
 
-    def _round(self, scans: list[Scan], windows: MutableMapping[str, EpcWindow]) -> ScoredBatch:
-        n = len(scans)
-        x = np.empty((n, N_FEATURES), dtype=np.float32)
-        evidence: list[Evidence] = []
-        touched: list[EpcWindow] = []
-        step = self.featurizer.step
-        for j, scan in enumerate(scans):
-            window = windows.get(scan.epc)
-            if window is None:
-                window = self.featurizer.new_window(scan)
-            evidence.append(step(window, scan, x[j]))
-            windows[scan.epc] = window
-            touched.append(window)
-
-        # Each window carries its LSTM state as float32 bytes (h then c): gathered and scattered
-        # with one join and one slice per window.
-        size = 2 * 4 * self.hidden
-        blank = bytes(size)
-        state = np.frombuffer(
-            bytearray(b"".join([w.hidden or blank for w in touched])), dtype=np.float32
-        ).reshape(n, 2, self.hidden)
+    def _decide(self, rnd: Round, table: WindowTable) -> tuple[np.ndarray, np.ndarray]:
+        """One LSTM step for the round, carrying each window's state; calibrated decisions."""
+        h = self.hidden
+        state = table.hidden[rnd.slots]
         with torch.inference_mode():
-            logits, h, c = self.model.net.step(
-                torch.from_numpy(x), torch.from_numpy(state[:, 0]), torch.from_numpy(state[:, 1])
+            logits, h_next, c_next = self.model.net.step(
+                torch.from_numpy(rnd.x),
+                torch.from_numpy(np.ascontiguousarray(state[:, :h])),
+                torch.from_numpy(np.ascontiguousarray(state[:, h:])),
             )
-        carried = np.stack([h.numpy(), c.numpy()], axis=1).tobytes()
-        for j, window in enumerate(touched):
-            window.hidden = carried[j * size : (j + 1) * size]
+        table.hidden[rnd.slots] = np.concatenate([h_next.numpy(), c_next.numpy()], axis=1)
 
         z = np.clip(logits.numpy() * self.slopes + self.intercepts, -40.0, 40.0)
         confidence = 1.0 / (1.0 + np.exp(-z))
         # A type is flagged only where its check found evidence: exact checks on that alone,
         # learned types only when the model also scores the scan past the type's threshold. A
         # model score without evidence (an input unlike anything in training) raises nothing.
-        evidence_found = np.zeros((n, len(ANOMALY_TYPES)), dtype=bool)
-        for j, found in enumerate(evidence):
-            for anomaly_type in found:  # most scans have none
-                evidence_found[j, TYPE_INDEX[anomaly_type]] = True
+        found = rnd.found
         if self.rules_gate:
-            flagged = evidence_found & (self.exact | (confidence >= self.thresholds))
+            flags = found & (self.exact | (confidence >= self.thresholds))
             confidence = np.where(
-                evidence_found & self.exact,
-                np.maximum(confidence, self.rule_confidence),
-                confidence,
+                found & self.exact, np.maximum(confidence, self.rule_confidence), confidence
             )
         else:
-            flagged = confidence >= self.thresholds
-        confidence = confidence.astype(np.float32, copy=False)
-        return ScoredBatch(self._verdicts(scans, confidence, flagged, evidence), confidence, x)
+            flags = confidence >= self.thresholds
+        return flags, confidence.astype(np.float32, copy=False)
 
-    @staticmethod
-    def _verdicts(
-        scans: list[Scan],
-        confidence: np.ndarray,
-        flagged: np.ndarray,
-        evidence: list[Evidence],
-    ) -> list[Verdict]:
-        types = [()] * len(scans)
-        for j in np.flatnonzero(flagged.any(axis=1)).tolist():  # most scans are flagged nothing
-            types[j] = tuple(t for t, hit in zip(ANOMALY_TYPES, flagged[j], strict=True) if hit)
-        return list(map(Verdict, scans, confidence, types, evidence))
+    def evidence(self, batch: ScoredBatch, i: int, table: WindowTable) -> Evidence:
+        """The evidence behind every check that fired on scan `i` of a batch."""
+        return self.featurizer.evidence_of(batch.featurized, i, table)
 
-    def alerts(self, verdict: Verdict, windows: MutableMapping[str, EpcWindow]) -> list[Alert]:
-        """Alerts for a verdict; a clone also flags the earlier read it pairs with."""
+    def alerts(self, batch: ScoredBatch, i: int, table: WindowTable) -> list[Alert]:
+        """Alerts for scan `i` of a batch; a clone also flags the earlier read it pairs with."""
         out: list[Alert] = []
         detected_at = now_iso()
         names = self.model.reference.site_names
-        scan = verdict.scan
-        for anomaly_type in verdict.flagged:
-            confidence = float(verdict.confidence[ANOMALY_TYPES.index(anomaly_type)])
-            evidence = verdict.evidence.get(anomaly_type)
+        scan = batch.scans[i]
+        evidence = self.evidence(batch, i, table)
+        for anomaly_type in batch.types(i):
+            confidence = float(batch.confidence[i, TYPE_INDEX[anomaly_type]])
+            found = evidence.get(anomaly_type)
             out.append(
                 self._alert(
                     scan.epc,
@@ -180,38 +171,33 @@ class Inferencer:
                     scan.t,
                     scan.scan_location,
                     scan.location,
-                    evidence,
+                    found,
                     detected_at,
                     names,
                 )
             )
-            if anomaly_type == "epcDup" and evidence:
-                other = evidence["other_event_id"]
-                window = windows.get(scan.epc)
-                earlier = (
-                    next((s for s in window.scans if s.event_id == other), None) if window else None
+            if anomaly_type == "epcDup" and found:
+                other, other_t, other_site = self.featurizer.other_read(batch.featurized, i, table)
+                mirrored = dict(
+                    found,
+                    other_event_id=scan.event_id,
+                    location=other_site,
+                    other_location=scan.location,
                 )
-                if earlier is not None:
-                    mirrored = dict(
-                        evidence,
-                        other_event_id=scan.event_id,
-                        location=earlier.location,
-                        other_location=scan.location,
+                out.append(
+                    self._alert(
+                        scan.epc,
+                        other,
+                        anomaly_type,
+                        confidence,
+                        other_t,
+                        names.get(other_site, other_site),
+                        other_site,
+                        mirrored,
+                        detected_at,
+                        names,
                     )
-                    out.append(
-                        self._alert(
-                            scan.epc,
-                            other,
-                            anomaly_type,
-                            confidence,
-                            earlier.t,
-                            names.get(earlier.location, earlier.location),
-                            earlier.location,
-                            mirrored,
-                            detected_at,
-                            names,
-                        )
-                    )
+                )
         return out
 
     def _alert(

@@ -16,7 +16,6 @@ from tqdm import tqdm
 
 from config import Settings
 from detector.artifact import LoadedModel
-from detector.features import EpcWindow
 from detector.inferencer import Inferencer
 from detector.schema import ANOMALY_TYPES, InvalidScan, to_scan
 from producer.readers import read_scans
@@ -142,7 +141,7 @@ def _score_records(
     keep_lines: bool,
 ) -> tuple[pd.DataFrame, ScoreSummary]:
     inferencer = Inferencer(model, settings)
-    windows: dict[str, EpcWindow] = {}
+    table = inferencer.table()
     records: list[dict[str, Any]] = []
     invalid: list[tuple[int, str]] = []
     n_types = len(ANOMALY_TYPES)
@@ -152,23 +151,17 @@ def _score_records(
     lines: list[int] = []
     pending = []
     bar = tqdm(desc="scoring", unit="scan", disable=not show_progress)
+    dup = ANOMALY_TYPES.index("epcDup")
 
     def flush() -> None:
-        batch = inferencer.score_batch([s for s, _ in pending], windows)
-        verdicts = batch.verdicts
-        flags = np.zeros((len(verdicts), n_types), dtype=np.int8)
-        conf = batch.confidence.copy()
-        for j, verdict in enumerate(verdicts):
-            for anomaly_type in verdict.flagged:
-                flags[j, ANOMALY_TYPES.index(anomaly_type)] = 1
-        detected.append(flags)
-        confidence.append(conf)
-        dup = ANOMALY_TYPES.index("epcDup")
-        for j, verdict in enumerate(verdicts):
-            if "epcDup" in verdict.flagged and "epcDup" in verdict.evidence:
-                other = row_of.get(verdict.evidence["epcDup"]["other_event_id"])
-                if other is not None:
-                    _mark(detected, confidence, other, dup, float(conf[j, dup]))
+        batch = inferencer.score_batch([s for s, _ in pending], table)
+        detected.append(batch.flags.astype(np.int8))
+        confidence.append(batch.confidence.copy())
+        for j in np.flatnonzero(batch.flags[:, dup]).tolist():
+            other_id, _, _ = inferencer.featurizer.other_read(batch.featurized, j, table)
+            other = row_of.get(other_id)
+            if other is not None:
+                _mark(detected, confidence, other, dup, float(batch.confidence[j, dup]))
         bar.update(len(pending))
         pending.clear()
 

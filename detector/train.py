@@ -31,7 +31,7 @@ from detector.features import FEATURE_NAMES, N_FEATURES, RULE_FEATURES, Featuriz
 from detector.inject import Incident, Injector, Row
 from detector.model import ScanLSTM
 from detector.reference import learn_reference
-from detector.schema import ANOMALY_TYPES, InvalidScan, to_scan
+from detector.schema import ANOMALY_TYPES, InvalidScan, Scan, to_scan
 
 log = structlog.get_logger(__name__)
 
@@ -120,18 +120,30 @@ def featurize_journeys(
     y = np.zeros((n, MAX_TRAIN_SCANS, len(ANOMALY_TYPES)), dtype=np.float32)
     mask = np.zeros((n, MAX_TRAIN_SCANS), dtype=bool)
     type_index = {t: i for i, t in enumerate(ANOMALY_TYPES)}
-    for j, rows in enumerate(journeys.values()):
-        ordered = sorted(rows, key=lambda r: r["_arrival"])[:MAX_TRAIN_SCANS]
-        window = None
-        for k, row in enumerate(ordered):
-            scan = to_scan(row)
-            if window is None:
-                window = featurizer.new_window(scan)
-            featurizer.step(window, scan, x[j, k])
-            mask[j, k] = True
-            for anomaly_type in labels.get(scan.event_id, ()):
-                y[j, k, type_index[anomaly_type]] = 1.0
+    scans, journey, position = _journey_scans(journeys)
+    done = featurizer.batch(featurizer.table(capacity=n), scans)
+    x[journey, position] = done.x
+    mask[journey, position] = True
+    for i, scan in enumerate(scans):
+        for anomaly_type in labels.get(scan.event_id, ()):
+            y[journey[i], position[i], type_index[anomaly_type]] = 1.0
     return Tensors(x, y, mask)
+
+
+def _journey_scans(
+    journeys: dict[str, list[Row]], limit: int | None = MAX_TRAIN_SCANS
+) -> tuple[list[Scan], np.ndarray, np.ndarray]:
+    """The scans of every journey in arrival order (at most `limit` each), with the journey
+    and the place in it of each."""
+    scans: list[Scan] = []
+    journey: list[int] = []
+    position: list[int] = []
+    for j, rows in enumerate(journeys.values()):
+        ordered = sorted(rows, key=lambda r: r["_arrival"])[:limit]
+        scans.extend(to_scan(row) for row in ordered)
+        journey.extend([j] * len(ordered))
+        position.extend(range(len(ordered)))
+    return scans, np.array(journey, dtype=np.int64), np.array(position, dtype=np.int64)
 
 
 def rule_flags(x: np.ndarray) -> np.ndarray:
@@ -159,18 +171,11 @@ def drop_suspect_journeys(journeys: dict[str, list[Row]], featurizer: Featurizer
     training and calibration; the reference data still counts them (minimum support and low
     quantiles keep a few of them from becoming normal).
     """
-    suspect = []
-    row = np.zeros(N_FEATURES, dtype=np.float32)
-    for epc, rows in journeys.items():
-        window = None
-        for record in sorted(rows, key=lambda r: r["_arrival"]):
-            scan = to_scan(record)
-            if window is None:
-                window = featurizer.new_window(scan)
-            featurizer.step(window, scan, row)
-            if (row[list(SUSPECT_FEATURES)] > 0.5).any():
-                suspect.append(epc)
-                break
+    scans, journey, _ = _journey_scans(journeys, limit=None)
+    done = featurizer.batch(featurizer.table(capacity=len(journeys)), scans)
+    flagged = (done.x[:, list(SUSPECT_FEATURES)] > 0.5).any(axis=1)
+    epcs = list(journeys)
+    suspect = {epcs[j] for j in np.unique(journey[flagged]).tolist()}
     for epc in suspect:
         del journeys[epc]
     return len(suspect)

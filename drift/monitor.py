@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +35,7 @@ from river import drift
 from scipy.signal import lfilter
 
 from detector.features import FEATURE_NAMES
+from detector.schema import ANOMALY_TYPES
 
 LEARNED_TYPES = ("locErr", "evtOrderErr", "jump")
 _HOP = FEATURE_NAMES.index("log_hop_over_bound")
@@ -257,14 +257,15 @@ class ScoreMonitor:
         event_t: float,
         model_version: str,
     ) -> list[DriftEvent]:
-        """`observe_batch` for one scan."""
+        """`observe_batch` for one scan, flagged with the types in `flagged`."""
+        flags = np.array([[t in flagged for t in ANOMALY_TYPES]], dtype=bool)
         return self.observe_batch(
-            [flagged], np.array([confidence]), features[None, :], np.array([event_t]), model_version
+            flags, np.array([confidence]), features[None, :], np.array([event_t]), model_version
         )
 
     def observe_batch(
         self,
-        flagged: Sequence[tuple[str, ...]],
+        flags: np.ndarray,
         confidence: np.ndarray,
         features: np.ndarray,
         event_t: np.ndarray,
@@ -272,13 +273,13 @@ class ScoreMonitor:
     ) -> list[DriftEvent]:
         """Feed everything a batch of scored scans says about drift; returns the fired events.
 
-        `confidence` is each scan's top calibrated confidence, `features` the rows the model
-        read, one per scan, in the order the scans were scored.
+        `flags` is (scans, anomaly types), `confidence` each scan's top calibrated confidence,
+        `features` the rows the model read, one per scan, in the order the scans were scored.
         """
-        n = len(flagged)
+        n = len(flags)
         if not n:
             return []
-        was_flagged = np.fromiter(map(bool, flagged), dtype=bool, count=n)
+        was_flagged = flags.any(axis=1)
         normal = ~was_flagged
         finite = np.isfinite(confidence)
         rejected = normal & ~finite
@@ -296,10 +297,7 @@ class ScoreMonitor:
         events += self._feed(self.hops, (hop[normal_hop] + 5.0) / 10.0, model_version)
 
         for anomaly_type, watched in self.rates.items():
-            if was_flagged.any():
-                bits = np.fromiter((anomaly_type in f for f in flagged), dtype=np.float64, count=n)
-            else:
-                bits = np.zeros(n)
+            bits = flags[:, ANOMALY_TYPES.index(anomaly_type)].astype(np.float64)
             events += self._feed(watched, bits, model_version)
         return events
 

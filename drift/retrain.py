@@ -223,20 +223,17 @@ def evaluate_model(model: LoadedModel, data: EvaluationSet, settings: Settings) 
     scans with no injected anomaly that are flagged with any type.
     """
     inferencer = Inferencer(model, settings)
-    windows: dict[str, Any] = {}
-    flagged: list[tuple[str, ...]] = []
+    table = inferencer.table()
     size = settings.batch_max_messages
+    hits = np.zeros((len(data.scans), len(ANOMALY_TYPES)), dtype=bool)
     for start in range(0, len(data.scans), size):
-        verdicts = inferencer.score(data.scans[start : start + size], windows)
-        flagged.extend(v.flagged for v in verdicts)
+        batch = inferencer.score_batch(data.scans[start : start + size], table)
+        hits[start : start + size] = batch.flags
 
     truth = np.array(
         [[t in data.labels.get(s.event_id, ()) for t in ANOMALY_TYPES] for s in data.scans],
         dtype=bool,
     ).reshape(-1, len(ANOMALY_TYPES))
-    hits = np.array([[t in f for t in ANOMALY_TYPES] for f in flagged], dtype=bool).reshape(
-        -1, len(ANOMALY_TYPES)
-    )
     per_type = {t: _f1(hits[:, i], truth[:, i]) for i, t in enumerate(ANOMALY_TYPES)}
     clean = ~truth.any(axis=1)
     false_alarms = float((hits.any(axis=1) & clean).sum()) / max(1, int(clean.sum()))

@@ -657,28 +657,42 @@ def _produce_at_rate(
 
 
 def window_memory(settings: Settings, records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bytes per tracked EPC: Python heap (tracemalloc) held by windows after scoring whole
-    journeys, divided by the number of windows."""
+    """Bytes per tracked EPC after scoring whole journeys: the fixed width of a window's slot
+    in the store's arrays, plus the Python objects per EPC (its string and map entries),
+    measured with tracemalloc apart from the arrays."""
     from consumer.state import WindowStore
     from detector.artifact import load_model
     from detector.inferencer import Inferencer
     from detector.schema import to_scan
 
-    inferencer = Inferencer(load_model(settings.model_dir), settings)
+    model = load_model(settings.model_dir)
+    inferencer = Inferencer(model, settings)
     scans = [to_scan(r, settings.site_timezone) for r in records]
+    store = WindowStore(
+        settings.window_scans,
+        inferencer.hidden,
+        model.reference.registered_prefixes,
+        settings.state_max_epcs,
+        settings.state_ttl_s,
+        capacity=len({scan.epc for scan in scans}),  # arrays allocated before measuring
+    )
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    windows = WindowStore(settings.state_max_epcs, settings.state_ttl_s)
     for start in range(0, len(scans), settings.batch_max_messages):
-        inferencer.score(scans[start : start + settings.batch_max_messages], windows)
+        inferencer.score_batch(scans[start : start + settings.batch_max_messages], store)
     gc.collect()
-    held = tracemalloc.get_traced_memory()[0] - before
+    objects = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
+    objects += sum(sys.getsizeof(epc) for epc in store.slot_of)  # made before tracing began
+    slot = store.slot_bytes()
+    epcs = len(store)
     return {
-        "epcs": len(windows),
+        "epcs": epcs,
         "scans": len(scans),
-        "bytes_per_epc": round(held / len(windows)) if windows else None,
+        "slot_bytes": slot,
+        "object_bytes_per_epc": round(objects / epcs) if epcs else None,
+        "bytes_per_epc": round(slot + objects / epcs) if epcs else None,
         "window_scans": settings.window_scans,
     }
 

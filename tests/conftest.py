@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 
 from config import Settings
-from detector.features import N_FEATURES, Featurizer
+from detector.features import Featurizer
 from detector.reference import Reference
 from detector.schema import EVENT_TYPES, STEP_INDEX, Scan, derive_event_id, parse_event_time
 from producer.simulate import locations_frame, simulate
@@ -84,16 +83,15 @@ def make_scan(event_type: str, step: str, site: str, t: str, epc: str = GOOD_EPC
 
 
 class Runner:
-    """Feeds scans through one featurizer and keeps each scan's rule evidence."""
+    """Feeds scans one at a time through one featurizer and keeps each scan's rule evidence."""
 
     def __init__(self, reference: Reference, settings: Settings) -> None:
         self.featurizer = Featurizer(reference, settings)
-        self.windows: dict = {}
+        self.table = self.featurizer.table()
 
     def feed(self, scan: Scan) -> dict:
-        window = self.windows.get(scan.epc) or self.featurizer.new_window(scan)
-        self.windows[scan.epc] = window
-        return self.featurizer.step(window, scan, np.zeros(N_FEATURES, np.float32))
+        done = self.featurizer.batch(self.table, [scan])
+        return self.featurizer.evidence_of(done, 0, self.table)
 
 
 @pytest.fixture

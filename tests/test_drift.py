@@ -52,20 +52,20 @@ def _watch(model_dir, streams, settings):
     monitor = ScoreMonitor(
         settings.drift_delta, settings.drift_min_scans, 3600.0, settings.drift_min_effect
     )
-    windows: dict = {}
+    table = inferencer.table()
     seen, events, flagged = 0, [], []
     for stream in streams:
         scans = [to_scan(r) for r in stream.rows_in_arrival_order()]
         for i in range(0, len(scans), 2000):
-            batch = inferencer.score_batch(scans[i : i + 2000], windows)
-            seen += len(batch.verdicts)
-            for verdict in batch.verdicts:
-                flagged.extend(verdict.flagged)
+            batch = inferencer.score_batch(scans[i : i + 2000], table)
+            seen += len(batch.scans)
+            for j in batch.flagged_rows().tolist():
+                flagged.extend(batch.types(j))
             for event in monitor.observe_batch(
-                [v.flagged for v in batch.verdicts],
+                batch.flags,
                 batch.confidence.max(axis=1),
                 batch.features,
-                np.array([v.scan.t for v in batch.verdicts]),
+                batch.t,
                 "test",
             ):
                 events.append((seen, event))  # the batch that raised it
@@ -160,7 +160,7 @@ def test_a_batch_and_the_same_scans_one_by_one_raise_the_same_drift():
     for i in range(0, len(scores), 700):
         part = slice(i, i + 700)
         batched += batch.observe_batch(
-            [()] * len(scores[part]),
+            np.zeros((len(scores[part]), 5), dtype=bool),
             scores[part],
             features[part],
             np.full(700, 1.75e9)[: len(scores[part])],

@@ -12,16 +12,19 @@ import time
 from collections import defaultdict
 from datetime import UTC, datetime
 
+import numpy as np
 import orjson
 import pytest
 
-from consumer.state import WindowStore, decode_window, encode_window
-from detector.epc import inspect_epc
-from detector.features import EpcWindow, WindowScan
+from config import Settings
+from consumer.state import WindowStore
+from detector.features import Featurizer
+from detector.reference import Reference
 from producer.kafka import make_producer
 from producer.publish import publish_scans
 from producer.readers import read_scans
 from producer.simulate import simulate, write_simulation
+from tests.conftest import make_scan
 from tests.kafka_support import (
     check_alerts_against_labels,
     committed_all,
@@ -35,56 +38,97 @@ from tests.kafka_support import (
 STREAM_START = datetime(2025, 7, 20, tzinfo=UTC)
 
 
+def _store(max_epcs: int = 100, ttl_s: float = 1e9, window_scans: int = 12) -> WindowStore:
+    return WindowStore(window_scans, 32, frozenset({"8805843"}), max_epcs, ttl_s)
+
+
+def _apply(store: WindowStore, scans: list, partition: int = 0, first_offset: int = 0):
+    featurizer = Featurizer(Reference.from_json(EMPTY_REFERENCE), Settings())
+    done = featurizer.batch(store, scans)
+    n = len(scans)
+    store.mark(done.slots, np.full(n, partition), np.arange(first_offset, first_offset + n))
+    return done
+
+
+EMPTY_REFERENCE = {
+    "registered_prefixes": ["8805843"],
+    "site_tiers": {},
+    "site_names": {},
+    "coordinates": {},
+    "routes": [],
+    "tier_bound_s": [],
+    "transitions": [],
+    "min_route_support": 3,
+    "max_speed_kmh": 150.0,
+}
+
+
 def test_window_round_trips_through_the_changelog_codec():
     epc = "001.8805843.3842332.100006.20250701.000008002"
-    window = EpcWindow(inspect_epc(epc, frozenset({"8805843"})), 1.75e9)
-    window.scans = (
-        WindowScan(1.75e9, "101", 1, 1, "e1", False),
-        WindowScan(1.75e9 + 30, "205", 1, 1, "e2", True),
-    )
-    window.last_t = 1.75e9 + 30
-    window.hidden = __import__("numpy").arange(64, dtype="float32").tobytes()
-    back, offset = decode_window(epc, encode_window(window, 41), frozenset({"8805843"}), 12, 32)
-    assert offset == 41
-    assert list(back.scans) == list(window.scans)
-    assert (back.first_t, back.last_t) == (window.first_t, window.last_t)
-    assert back.hidden == window.hidden
-    assert back.facts == window.facts
+    store = _store()
+    scans = [
+        make_scan("Aggregation", "Factory", "101", "2025-07-01 10:00:00", epc),
+        make_scan(
+            "WMS_Inbound", "WMS", "a-site-name-longer-than-sixteen", "2025-07-01 12:00:00", epc
+        ),
+        make_scan("WMS_Inbound", "WMS", "205", "2025-07-01 12:00:30", epc),  # a clone read
+    ]
+    scans[1].event_id = "an-event-id-much-longer-than-sixteen-bytes"
+    _apply(store, scans, partition=2, first_offset=39)
+    slot = store.slot_of[epc]
+    store.hidden[slot] = np.arange(64, dtype=np.float32)
+    records = store.take_changes()
+    assert [(e, p) for e, p, _ in records] == [(epc, 2)]
+
+    back = _store()
+    assert back.restore(records) == 1
+    again = back.slot_of[epc]
+    for name in ("count", "first_t", "last_t", "offset", "partition", "hidden", "t", "side"):
+        assert np.array_equal(getattr(back, name)[again], getattr(store, name)[slot]), name
+    held = slice(12 - 3, 12)
+    sites = [back.sites.names[i] for i in back.loc[again, held]]
+    assert sites == ["101", "a-site-name-longer-than-sixteen", "205"]
+    ids = [back.event_id(bytes(raw)) for raw in back.eid[again, held]]
+    assert ids == [s.event_id for s in scans]
+    assert back.side[again, held].tolist() == [False, False, True]
+    assert back.applied(epc, 2, 41) and not back.applied(epc, 2, 42)
 
 
-def test_a_window_in_the_first_changelog_format_is_still_read():
+def test_a_restored_window_of_another_length_keeps_its_newest_scans():
     epc = "001.8805843.3842332.100006.20250701.000008002"
-    hidden = __import__("numpy").arange(64, dtype="float32")
-    value = orjson.dumps(
-        {
-            "v": 1,
-            "o": 7,
-            "f": 1.75e9,
-            "l": 1.75e9 + 30,
-            "s": [[1.75e9, "101", 1, 1, "e1", False], [1.75e9 + 30, "205", 1, 1, "e2", True]],
-            "h": __import__("base64").b64encode(hidden.tobytes()).decode(),
-        }
-    )
-    window, offset = decode_window(epc, value, frozenset({"8805843"}), 12, 32)
-    assert offset == 7 and window.last_t == 1.75e9 + 30
-    assert [s.event_id for s in window.scans] == ["e1", "e2"] and window.scans[1].side
-    assert window.hidden == hidden.tobytes()
+    store = _store(window_scans=12)
+    steps = [("Aggregation", "Factory"), ("WMS_Inbound", "WMS"), ("WMS_Outbound", "WMS")]
+    times = ["2025-07-01 10:00:00", "2025-07-01 12:00:00", "2025-07-01 14:00:00"]
+    _apply(store, [make_scan(e, s, "101", t, epc) for (e, s), t in zip(steps, times, strict=True)])
+    short = _store(window_scans=2)
+    short.restore(store.take_changes())
+    slot = short.slot_of[epc]
+    assert short.count[slot] == 2
+    assert short.etype[slot].tolist() == [1, 2]
+
+
+def test_an_unreadable_changelog_record_is_skipped_and_the_rest_restored():
+    epc = "001.8805843.3842332.100006.20250701.000008002"
+    store = _store()
+    _apply(store, [make_scan("Aggregation", "Factory", "101", "2025-07-01 10:00:00", epc)])
+    records = store.take_changes() + [("001.8805843.3842332.100006.20250701.9", 0, b"\x01{}")]
+    back = _store()
+    assert back.restore(records) == 1 and epc in back
 
 
 def test_store_bounds_count_evictions_and_expiry_and_emit_tombstones():
-    store = WindowStore(max_epcs=3, ttl_s=100)
-    facts = inspect_epc("x", frozenset())
-    for i in range(5):
-        window = EpcWindow(facts, 1000.0 + i)
-        store[f"e{i}"] = window
-        store.mark(f"e{i}", i % 2, i)
+    store = _store(max_epcs=3, ttl_s=100)
+    epcs = [f"001.8805843.3842332.100006.20250701.00000000{i}" for i in range(5)]
+    for i, epc in enumerate(epcs):
+        t = f"2025-07-01 10:00:{i:02d}"
+        _apply(store, [make_scan("Aggregation", "Factory", "101", t, epc)], i % 2, i)
+        store.bound()
     assert len(store) == 3 and store.evicted == 2
-    late = EpcWindow(facts, 2000.0)
-    store["e9"] = late
-    store.mark("e9", 0, 9)
-    assert store.expire() == 2  # e3, e4 are more than 100 s of event time behind
+    assert set(store.slot_of) == set(epcs[2:])  # the least recently updated went first
+    _apply(store, [make_scan("Aggregation", "Factory", "101", "2025-07-01 10:05:00", "e9")], 0, 9)
+    assert store.expire() == 3  # the others are more than 100 s of event time behind
     records = store.take_changes()
-    assert {epc for epc, _, value in records if value is None} >= {"e0", "e1"}
+    assert {epc for epc, _, value in records if value is None} == set(epcs)
     assert [epc for epc, _, value in records if value is not None] == ["e9"]
     assert store.applied("e9", 0, 9) and not store.applied("e9", 0, 10)
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_unknown_site_and_bad_code_still_flags_counterfeit_and_nothing_else(trained_model):
     inferencer = Inferencer(load_model(trained_model), Settings())
-    windows: dict = {}
+    windows = inferencer.table()
     scans = [
         make_scan("Aggregation", "Factory", "999", "2025-07-20 02:13:00", epc="ABC"),
         make_scan("WMS_Inbound", "WMS", "1", "2025-07-20 05:13:00", epc="x"),
@@ -29,7 +29,8 @@ def test_a_model_score_without_rule_evidence_raises_nothing(trained_model):
     inferencer.thresholds[:] = 0.0  # the model alone would flag every type everywhere
     epc = "001.8805843.3842332.100006.20250701.000008002"
     verdicts = inferencer.score(
-        [make_scan("Aggregation", "Factory", "999", "2025-07-20 02:13:00", epc=epc)], {}
+        [make_scan("Aggregation", "Factory", "999", "2025-07-20 02:13:00", epc=epc)],
+        inferencer.table(),
     )
     assert set(verdicts[0].flagged) <= {"epcFake"}  # its company is not registered
 
