@@ -43,9 +43,12 @@ class Settings(BaseSettings):
     )
 
     # Consume loop.
-    batch_max_messages: int = Field(2000, ge=1, description="messages per poll batch")
+    batch_max_messages: int = Field(5000, ge=1, description="messages per poll batch")
     poll_timeout_s: float = Field(
         0.05, gt=0, description="longest wait for a batch to fill: bounds the added latency"
+    )
+    slow_batch_s: float = Field(
+        1.0, ge=0, description="a batch slower than this is logged with its phases (0: never)"
     )
     max_message_bytes: int = Field(65536, ge=256, description="larger scan messages go to DLQ")
     max_lateness_s: float = Field(

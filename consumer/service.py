@@ -271,9 +271,12 @@ class DetectorService:
             scans.append(decoded)
             positions.append((partition, offset))
 
+        decoded_at = time.monotonic()
         if scans:
             self._score(scans, positions, tracker)
+        scored_at = time.monotonic()
         self._bound_state()
+        bounded_at = time.monotonic()
         if self.exactly_once:
             self._commit_transaction(offsets)
         else:
@@ -281,6 +284,16 @@ class DetectorService:
             self._write_changelog(tracker)
             self._flush(tracker)
             self._commit(offsets)
+        finished = time.monotonic()
+        if self.settings.slow_batch_s and finished - started >= self.settings.slow_batch_s:
+            log.warning(
+                "slow_batch",
+                messages=len(messages),
+                decode_ms=round((decoded_at - started) * 1000, 1),
+                score_ms=round((scored_at - decoded_at) * 1000, 1),
+                bound_ms=round((bounded_at - scored_at) * 1000, 1),
+                commit_ms=round((finished - bounded_at) * 1000, 1),
+            )
         self._count_batch(started, len(messages))
 
     def _score(
