@@ -358,12 +358,15 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
 
         first = last = 0.0
         tracked = rss_end = 0
+        half_tracked = rss_half = 0  # at half the stream: fixed buffers are full by then
 
         def process(self, messages: list[Message]) -> None:
             if not self.first:
                 self.first = time.perf_counter()
             super().process(messages)
             self.last = time.perf_counter()
+            if target and not self.half_tracked and self.counters.consumed >= target // 2:
+                self.half_tracked, self.rss_half = len(self.windows), rss_bytes()
             if target and self.counters.consumed >= target:
                 # Windows may be dropped when the group is left, so they are counted here.
                 self.tracked, self.rss_end = len(self.windows), rss_bytes()
@@ -398,6 +401,13 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
             "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
             "rss_bytes_per_epc": round((service.rss_end - rss_before) / tracked)
             if tracked
+            else None,
+            # The marginal cost: RSS added per EPC over the second half of the stream, when
+            # the client's fetch and send buffers and the interpreter's arenas are warm.
+            "rss_bytes_per_epc_second_half": round(
+                (service.rss_end - service.rss_half) / (tracked - service.half_tracked)
+            )
+            if tracked > service.half_tracked > 0
             else None,
         }
     )
@@ -943,6 +953,14 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         )
         rows.append(("RSS growth per tracked EPC (bytes)", f"{alo['rss_bytes_per_epc']:,}", ""))
+        if alo.get("rss_bytes_per_epc_second_half") is not None:
+            rows.append(
+                (
+                    "RSS growth per EPC, second half of the stream (bytes)",
+                    f"{alo['rss_bytes_per_epc_second_half']:,}",
+                    "",
+                )
+            )
     memory = results.get("window_memory", {})
     if memory.get("bytes_per_epc"):
         rows.append(
