@@ -199,6 +199,7 @@ class Featurizer:
         """Features of `scans` in arrival order: round k holds the k-th scan of each EPC, so
         an EPC's scans meet its window one after another while each round is array work."""
         n = len(scans)
+        table.compact_sites()  # made-up site ids cannot grow the site table without bound
         slots, occurrence = _slots(scans, table)
         sites = table.sites
         t = np.fromiter((s.t for s in scans), dtype=np.float64, count=n)

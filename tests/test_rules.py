@@ -212,3 +212,19 @@ def test_thin_routes_stay_unknown_when_plausibility_is_off():
     reference = learn_reference(_shipments_history({"117": THIN_ORIGIN_ROUTES}), settings)
     assert not reference.route_known("117", "126")
     assert reference.route_known("117", "124")
+
+
+def test_made_up_site_ids_do_not_grow_the_site_table_and_real_windows_keep_their_sites(
+    runner, monkeypatch
+):
+    import detector.windows
+
+    monkeypatch.setattr(detector.windows, "SITES_MAX", 50)
+    walk(runner, JOURNEY[:2], [0, 60])  # a real window: F1 then W1
+    junk = "001.8805843.3842332.100006.20250701.000000999"
+    for i in range(400):  # one EPC read at 400 sites nobody knows; its window keeps the last 12
+        runner.feed(make_scan("Aggregation", "Factory", f"junk-{i}", at(61 + i), junk))
+    assert len(runner.table.sites) <= 51  # compacted to the sites windows hold, then grown again
+    # the real window still knows where it was: its next, regular hop raises nothing
+    found = walk(runner, JOURNEY[2:3], [180])
+    assert found == [{}], found
