@@ -45,6 +45,8 @@ FLUSH_TIMEOUT_S = 60.0
 TRANSACTION_TIMEOUT_S = 30.0
 GC_YOUNG_THRESHOLD = 10_000
 GC_FULL_EVERY_S = 600.0
+# Keys and values forwarded to the DLQ or the late topic are cut to at most this many bytes.
+SIDE_OUTPUT_MAX_BYTES = 256 * 1024
 # Expiry looks at every window, so it runs at most this often (in wall time), not every batch.
 EXPIRE_EVERY_S = 1.0
 
@@ -423,6 +425,14 @@ class DetectorService:
             self.consumer.seek(TopicPartition(topic, tp.partition, max(tp.offset, 0)))
 
     def _side_output(self, topic: str, message: Message, reason: str, tracker) -> None:
+        """Forward a message to the DLQ or the late topic with why and where it came from.
+
+        A key or value longer than `max_message_bytes` (capped at `SIDE_OUTPUT_MAX_BYTES`) is
+        cut to that length and the header `truncated_from_bytes` gives its original size: the
+        broker accepts input up to its own limit, and forwarding such a message whole, with
+        headers added, could exceed the producer's, which would stop the detector on every
+        restart at the same message.
+        """
         log.info(
             "scan_diverted",
             to=topic,
@@ -431,18 +441,22 @@ class DetectorService:
             offset=message.offset(),
             reason=reason,
         )
+        limit = min(self.settings.max_message_bytes, SIDE_OUTPUT_MAX_BYTES)
+        key, value = message.key(), message.value()
+        headers = [
+            ("reason", reason.encode()),
+            ("source_topic", message.topic().encode()),
+            ("source_partition", str(message.partition()).encode()),
+            ("source_offset", str(message.offset()).encode()),
+        ]
+        if key is not None and len(key) > limit:
+            headers.append(("key_truncated_from_bytes", str(len(key)).encode()))
+            key = key[:limit]
+        if value is not None and len(value) > limit:
+            headers.append(("truncated_from_bytes", str(len(value)).encode()))
+            value = value[:limit]
         produce_with_backpressure(
-            self.producer,
-            topic,
-            key=message.key(),
-            value=message.value(),
-            headers=[
-                ("reason", reason.encode()),
-                ("source_topic", message.topic().encode()),
-                ("source_partition", str(message.partition()).encode()),
-                ("source_offset", str(message.offset()).encode()),
-            ],
-            on_delivery=tracker,
+            self.producer, topic, key=key, value=value, headers=headers, on_delivery=tracker
         )
 
     def check_for_new_model(self) -> None:

@@ -80,12 +80,28 @@ def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_pipeline_goes_on(traine
     for value in bad:
         producer.produce(settings.topic_scans, value=value)
     producer.flush(10)
+    # Key and value together just over the producer's default message.max.bytes (the broker
+    # takes up to ~1 MiB): such a message used to stop the detector at every start, unable to
+    # forward it to the DLQ.
+    huge = b'{"epc_code": "' + b"y" * 975_000 + b'"}'
+    big_producer = make_producer(settings, **{"message.max.bytes": 1_048_000})
+    big_producer.produce(settings.topic_scans, key=b"k" * 70_000, value=huge)
+    assert big_producer.flush(10) == 0
     report = publish_scans(read_scans(paths["scans"]), settings, show_progress=False)
 
     result = run_detector(settings)
     assert result.returncode == 0, result.stderr[-3000:]
     dead = read_all(settings, settings.topic_dlq)
-    assert sorted(m.value() for m in dead) == sorted(bad)
+    limit = settings.max_message_bytes
+    cut = {
+        int(dict(m.headers())["truncated_from_bytes"]): m for m in dead if len(m.value()) == limit
+    }
+    originals = {len(v): v for v in [*bad, huge] if len(v) > limit}
+    assert sorted(cut) == sorted(originals)  # the 100 kB message and the huge one, cut
+    assert all(originals[size].startswith(m.value()) for size, m in cut.items())
+    assert dict(cut[len(huge)].headers())["key_truncated_from_bytes"] == b"70000"
+    whole = [m.value() for m in dead if len(m.value()) < limit]
+    assert sorted(whole) == sorted(v for v in bad if len(v) <= limit)
     reasons = [dict(m.headers())["reason"].decode() for m in dead]
     assert any("not JSON" in r for r in reasons)
     assert any("missing required field event_time" in r for r in reasons)
