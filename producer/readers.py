@@ -69,7 +69,10 @@ def _read_delimited(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]
             handle.seek(0)
             start = 1
         reader = csv.reader(handle, delimiter=delimiter)
-        for number, fields in enumerate(reader, start=start):
+        # A record's number is the physical line it starts on: a quoted field may span lines.
+        ended = 0  # lines read by the reader so far
+        for fields in reader:
+            number, ended = start + ended, reader.line_num
             if not fields or (len(fields) == 1 and not fields[0].strip()):
                 continue
             if len(fields) != len(header):

@@ -69,6 +69,23 @@ def test_bad_rows_are_reported_with_line_numbers(tmp_path: Path):
     assert rows[1] == (3, BadRow("expected 5 columns, found 3"))
 
 
+def test_line_numbers_count_physical_lines_after_a_quoted_field_with_a_newline(tmp_path: Path):
+    path = tmp_path / "scans.csv"
+    good = f"{ROW['epc_code']},12,Factory,Aggregation,2025-07-01 10:45:09"
+    path.write_text(
+        "epc_code,location_id,business_step,event_type,event_time\n"  # line 1
+        f'{ROW["epc_code"]},"12\nsecond line",Factory,Aggregation,2025-07-01 10:45:09\n'  # 2-3
+        "\n"  # 4: blank
+        f"{good}\n"  # 5
+        "only,three,fields\n"  # 6
+        f"{good}\n"  # 7
+    )
+    rows = list(read_scans(path))
+    assert [number for number, _ in rows] == [2, 5, 6, 7]
+    assert rows[0][1]["location_id"] == "12\nsecond line"
+    assert rows[2] == (6, BadRow("expected 5 columns, found 3"))
+
+
 def test_json_lines(tmp_path: Path):
     import orjson
 
