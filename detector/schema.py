@@ -136,6 +136,9 @@ def parse_event_time(value: str, zone: str = "UTC") -> float:
     text = value.strip()
     if text.endswith("Z"):
         text = text[:-1] + "+00:00"
+    # `fromisoformat` takes any character between date and time (a NUL or a letter too).
+    if not text.isprintable() or (len(text) > 10 and text[4] == "-" and text[10] not in "Tt "):
+        raise InvalidScan(f"event_time is not ISO 8601: {value!r}")
     try:
         moment = datetime.fromisoformat(text)
     except ValueError as exc:
@@ -156,6 +159,9 @@ def _text(record: dict[str, Any], field: str) -> str:
         return value.strip()
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidScan(f"{field} must be a string, got {type(value).__name__}")
+    if isinstance(value, float) and not (value.is_integer() and abs(value) < 2**53):
+        # JSON numbers past 2**53 (or with a fraction) are not exact ids: 1e29 is not a site.
+        raise InvalidScan(f"{field} must be a string, got the number {value!r}")
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 

@@ -94,3 +94,24 @@ def test_json_lines(tmp_path: Path):
     rows = list(read_scans(path))
     assert rows[0][1]["epc_code"] == ROW["epc_code"]
     assert isinstance(rows[1][1], BadRow) and rows[1][0] == 2
+
+
+def test_values_that_only_look_valid_are_refused_with_the_field_named():
+    import orjson
+    import pytest
+
+    from detector.schema import InvalidScan
+
+    record = {k: ROW[k] for k in ("epc_code", "business_step", "event_type", "event_time")}
+    # found by an adversarial trial: a 30-digit site id became a float, then another number
+    for value in (orjson.loads(b"123456789012345678901234567890"), 12.5, float("nan")):
+        with pytest.raises(InvalidScan, match="location_id must be a string"):
+            to_scan({**record, "location_id": value})
+    assert to_scan({**record, "location_id": 12}).location == "12"
+    assert to_scan({**record, "location_id": 12.0}).location == "12"
+    # `datetime.fromisoformat` takes any separator, a NUL too
+    for text in ("2025-07-21\x0010:00:00", "2025-07-21X10:00:00", "2025-07-21 10:00:00\n1"):
+        with pytest.raises(InvalidScan, match="event_time is not ISO 8601"):
+            to_scan({**record, "location_id": "12", "event_time": text})
+    for text in ("2025-07-21T10:00:00", "2025-07-21 10:00:00", "2025-07-21T10:00:00+09:00"):
+        assert to_scan({**record, "location_id": "12", "event_time": text}).t > 0
