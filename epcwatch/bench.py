@@ -501,7 +501,9 @@ def detector_group_rate(settings: Settings, expected: int, members: int) -> dict
             if child.is_alive():
                 child.terminate()
     consumed = sum(r["scans"] for r in results)
-    seconds = max(r["last_batch_at"] for r in results) - min(r["first_batch_at"] for r in results)
+    # A member that got no partitions (or no messages) never timed a batch: its 0 is no time.
+    worked = [r for r in results if r["first_batch_at"]] or results
+    seconds = max(r["last_batch_at"] for r in worked) - min(r["first_batch_at"] for r in worked)
     return {
         "available": True,
         "members": members,

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
+from pydantic_settings.exceptions import SettingsError
 
 from config import Settings
 
@@ -28,10 +31,46 @@ def _settings(**overrides: object) -> Settings:
     except (ValidationError, FileNotFoundError) as exc:
         typer.secho(f"invalid configuration:\n{exc}", fg="red", err=True)
         raise typer.Exit(2) from exc
+    except SettingsError as exc:  # an env var pydantic-settings could not even parse
+        typer.secho(
+            f"invalid configuration: {exc}\n(list settings are JSON in an environment "
+            'variable, e.g. EPCWATCH_REGISTERED_PREFIXES=\'["8805843", "8808271"]\')',
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2) from exc
+    for name, hint in unknown_env_settings(os.environ):
+        typer.secho(
+            f"warning: {name} is not a setting and is ignored" + (f" ({hint}?)" if hint else ""),
+            fg="yellow",
+            err=True,
+        )
     from epcwatch.logs import configure_logging
 
     configure_logging(settings)
     return settings
+
+
+# EPCWATCH_ variables that are not settings: read by the broker scripts, the tests, config.
+OTHER_ENV = {"CONFIG_FILE", "KAFKA_PORT", "KAFKA_CONTROLLER_PORT", "KAFKA_HOME"}
+
+
+def unknown_env_settings(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """`EPCWATCH_*` variables that name no setting (a typo is otherwise silently ignored),
+    each with the closest setting's variable, if one is close.
+
+    >>> unknown_env_settings({"EPCWATCH_TOPIC_PARTITON": "3", "EPCWATCH_LOG_LEVEL": "INFO"})
+    [('EPCWATCH_TOPIC_PARTITON', 'EPCWATCH_TOPIC_PARTITIONS')]
+    """
+    known = {name.upper() for name in Settings.model_fields} | OTHER_ENV
+    found = []
+    for variable in sorted(environ):
+        name = variable.removeprefix("EPCWATCH_")
+        if name == variable or name in known or name.startswith("TEST_"):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        found.append((variable, f"EPCWATCH_{close[0]}" if close else None))
+    return found
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -81,7 +120,11 @@ def produce(
     file: Annotated[Path, typer.Argument(help="scan file: TSV/CSV raw export or JSON lines")],
     rate: Annotated[float, typer.Option(help="scans per second (0: as fast as possible)")] = 0.0,
     send_invalid: Annotated[
-        bool, typer.Option(help="also send rows that fail validation (to exercise the DLQ)")
+        bool,
+        typer.Option(
+            help="also send rows that were read but fail validation (to exercise the DLQ); "
+            "unreadable rows (wrong column count, not JSON) are only reported"
+        ),
     ] = False,
 ) -> None:
     """Publish a scan file onto the scan topic, one JSON message per scan keyed by EPC.
@@ -112,7 +155,7 @@ def produce(
     typer.echo(
         f"published {report.published} scans to {settings.topic_scans} in "
         f"{report.seconds:.1f} s; {len(report.bad_rows)} bad rows"
-        + (" (sent anyway)" if send_invalid and report.bad_rows else "")
+        + (f" ({report.invalid_sent} sent anyway)" if send_invalid and report.bad_rows else "")
     )
     if report.failed_deliveries:
         raise _fail(f"{report.failed_deliveries} scans were not acknowledged by the broker")
@@ -133,7 +176,7 @@ def train(
         int, typer.Option("--simulate", help="train on this many simulated items instead")
     ] = 0,
     promote_model: Annotated[
-        bool, typer.Option("--promote/--no-promote", help="make it models/current")
+        bool, typer.Option("--promote/--no-promote", help="make it <root>/current")
     ] = True,
 ) -> None:
     """Train a model from history: learn the network, inject anomalies, fit the LSTM.

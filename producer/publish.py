@@ -23,6 +23,7 @@ log = structlog.get_logger(__name__)
 class PublishReport:
     published: int = 0
     bad_rows: list[tuple[int, str]] = field(default_factory=list)
+    invalid_sent: int = 0  # bad rows published anyway (`send_invalid`)
     failed_deliveries: int = 0
     seconds: float = 0.0
 
@@ -38,8 +39,10 @@ def publish_scans(
     """Publish records to the scan topic; invalid rows are reported by line, not sent.
 
     Each record gets an `eventId` if it has none (derived from its content, so a replay of the
-    same file produces the same ids). With `send_invalid`, rows that fail validation are sent
-    as they are, which is how the dead-letter path is exercised.
+    same file produces the same ids). With `send_invalid`, rows that were read but fail
+    validation are sent as they are, which is how the dead-letter path is exercised; rows that
+    cannot be read at all (a wrong number of columns, a line that is not JSON) have no record to
+    send and are only reported.
     """
     producer = make_producer(settings)
     tracker = DeliveryTracker()
@@ -59,6 +62,7 @@ def publish_scans(
             if not send_invalid:
                 continue
             key = str(record.get("epc_code") or "")
+            report.invalid_sent += 1
         if rate_per_s:
             due = started + report.published / rate_per_s
             delay = due - time.monotonic()

@@ -42,6 +42,13 @@ def test_invalid_configuration_fails_fast_naming_the_setting(monkeypatch):
     assert "dup_window_s" in result.output
 
 
+def test_a_list_setting_that_is_not_json_fails_with_its_name_and_the_format(monkeypatch):
+    monkeypatch.setenv("EPCWATCH_REGISTERED_PREFIXES", "8808271,8817611")  # a newcomer's guess
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 2
+    assert "registered_prefixes" in result.output and "JSON" in result.output
+
+
 def test_score_without_a_model_says_how_to_make_one(tmp_path: Path):
     scans = tmp_path / "s.tsv"
     scans.write_text("epc_code\tevent_time\n")

@@ -110,3 +110,18 @@ def test_bad_input_goes_to_the_dlq_with_a_reason_and_the_pipeline_goes_on(traine
     assert 'scored": ' + str(report.published) in result.stderr or str(report.published) in (
         result.stderr
     )
+
+
+def test_send_invalid_sends_what_was_read_and_only_reports_what_was_not(trained_model, tmp_path):
+    settings = isolated_settings(trained_model)
+    path = tmp_path / "bad.csv"
+    path.write_text(
+        "epc_code,location_id,business_step,event_type,event_time\n"
+        "001.8805843.3842332.100006.20250701.000008002,12,Factory,Aggregation,not-a-time\n"
+        "only,three,fields\n"
+    )
+    report = publish_scans(read_scans(path), settings, send_invalid=True, show_progress=False)
+    assert [n for n, _ in report.bad_rows] == [2, 3]
+    assert report.invalid_sent == report.published == 1
+    [message] = read_all(settings, settings.topic_scans)
+    assert b"not-a-time" in message.value()
