@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 help:
 	@echo "make run         train a model if needed, start Kafka + detector, replay a stream, show alerts"
 	@echo "make test        install everything, start Kafka if needed, run the whole test suite"
-	@echo "make kafka-up    start a local single-node Apache Kafka (KRaft) on 127.0.0.1:9092"
+	@echo "make kafka-up    start a local single-node Apache Kafka (KRaft) on 127.0.0.1:$${EPCWATCH_KAFKA_PORT:-9092}"
 	@echo "make kafka-down  stop that broker"
 	@echo "make lint        ruff"
 	@echo "make bench       measure throughput, latency and memory (bench/results/)"
