@@ -123,8 +123,7 @@ class WindowStore(WindowTable):
     def drop_partitions(self, partitions: set[int]) -> int:
         """Forget the windows of partitions this process no longer owns (no tombstones: they
         are another owner's now)."""
-        live = self.live_slots()
-        gone = live[np.isin(self.partition[live], list(partitions))]
+        gone = self._slots_of(partitions)
         for slot in gone.tolist():
             self.dropped.pop(self.epc_at[slot] or "", None)
         self.close(gone.tolist())
@@ -270,17 +269,20 @@ class WindowStore(WindowTable):
         ]
         self.eid[slot, target] = self.event_id_bytes(eids)
 
+    def _slots_of(self, partitions: Iterable[int]) -> np.ndarray:
+        """The live slots whose windows belong to `partitions`."""
+        live = self.live_slots()
+        return live[np.isin(self.partition[live], list(partitions))]
+
     def partition_watermark(self, partition: int) -> float:
         """The latest event time of the windows of a partition (-inf without any)."""
-        live = self.live_slots()
-        mine = live[self.partition[live] == partition]
+        mine = self._slots_of([partition])
         return float(self.last_t[mine].max()) if len(mine) else float("-inf")
 
     def replay_horizon(self, partition: int) -> int:
         """The highest offset applied to a window of a partition: scans up to it may be
         replays (-1 without any)."""
-        live = self.live_slots()
-        mine = live[self.partition[live] == partition]
+        mine = self._slots_of([partition])
         return int(self.offset[mine].max()) if len(mine) else -1
 
 
