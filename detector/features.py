@@ -125,7 +125,8 @@ class Round:
     is what that evidence is made of, valid where its check ran: the nearest read elsewhere
     (`dup_*`), the predecessor (`prev_*`, `dt`) where the move checks ran (`checked`), the
     move's reference facts (`hop`, an index into the featurizer's hop table, -1 for none), and
-    the codes of `ORDER_PROBLEMS` and `PLACE_PROBLEMS`.
+    the codes of `ORDER_PROBLEMS` and `PLACE_PROBLEMS`. `dup_column` is the window column that
+    held the other read before the round appended its scans.
     """
 
     slots: np.ndarray
@@ -140,6 +141,7 @@ class Round:
     dup_t: np.ndarray
     dup_loc: np.ndarray
     dup_eid: np.ndarray
+    dup_column: np.ndarray
     checked: np.ndarray
     prev_loc: np.ndarray
     prev_tier: np.ndarray
@@ -301,6 +303,7 @@ class Featurizer:
         rows = np.arange(len(rnd.t))
         rnd.dup_t, rnd.dup_loc = times[rows, column], places[rows, column]
         rnd.dup_eid = table.eid[rnd.slots, column]
+        rnd.dup_column = column
         closest = apart[rows, column][rnd.dup]
         rnd.x[rnd.dup, _F["read_elsewhere_within_dup_window"]] = 1.0
         rnd.x[rnd.dup, _F["dup_closeness"]] = 1.0 - closest / self.dup_window_s
@@ -551,6 +554,7 @@ def _blank_round(
         dup_t=np.zeros(n),
         dup_loc=np.zeros(n, dtype=np.int32),
         dup_eid=np.zeros(n, dtype="S1"),
+        dup_column=np.zeros(n, dtype=np.int64),
         checked=np.zeros(n, dtype=bool),
         prev_loc=np.zeros(n, dtype=np.int32),
         prev_tier=np.zeros(n, dtype=np.int8),

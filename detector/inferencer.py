@@ -8,7 +8,7 @@ Python objects afterwards: verdicts, evidence and alerts are built for them alon
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,11 +19,15 @@ from config import Settings
 from detector.alert import Alert, Explanation, alert_id, explain, now_iso, severity_of
 from detector.artifact import LoadedModel
 from detector.features import Evidence, Featurized, Featurizer, Round
-from detector.schema import ANOMALY_TYPES, Scan
+from detector.schema import ANOMALY_TYPES, STEP_TIER, Scan, ScanColumns
 from detector.train import EXACT_TYPES
 from detector.windows import WindowTable
 
 TYPE_INDEX = {t: i for i, t in enumerate(ANOMALY_TYPES)}
+_STEP_TIER = np.array(STEP_TIER, dtype=np.int8)
+# Scans per LSTM step: a step's gates then stay in cache, which makes a pass over a whole
+# file's EPCs (a round of scoring a file) three times faster than one step over all of them.
+STEP_ROWS = 4096
 RULE_NAMES = {
     "epcFake": "epc_structure",
     "epcDup": "read_elsewhere_within_dup_window",
@@ -121,19 +125,69 @@ class Inferencer:
             batch.flags[members], batch.confidence[members] = self._decide(rnd, table)
         return batch
 
+    def score_columns(
+        self, scans: ScanColumns, progress: Callable[[int], object] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Flags and calibrated confidences of a whole input's scans (a file), in its order.
+
+        Round k holds the k-th scan of every EPC in the input, so each round is one pass over
+        up to one scan per EPC: the decisions of streaming the input batch by batch, in as many
+        passes as the longest history has scans. A clone read also flags the read it pairs
+        with; no window is evicted here, so that read is found by its place in the window.
+        """
+        n, dup = len(scans), TYPE_INDEX["epcDup"]
+        flags = np.zeros((n, len(ANOMALY_TYPES)), dtype=bool)
+        confidence = np.zeros((n, len(ANOMALY_TYPES)), dtype=np.float32)
+        if not n:
+            return flags, confidence
+        table = self.table(capacity=len(scans.epcs))
+        by_epc = np.argsort(scans.epc, kind="stable")  # each EPC's scans together, in order
+        per_epc = np.bincount(scans.epc, minlength=len(scans.epcs))
+        start = np.cumsum(per_epc) - per_epc  # where each EPC's scans begin in `by_epc`
+        occurrence = np.empty(n, dtype=np.int64)
+        occurrence[by_epc] = np.arange(n) - np.repeat(start, per_epc)
+        slot = table.open_many(scans.epcs, scans.t[by_epc[start]])[scans.epc]
+        loc = np.array([table.sites.id(s) for s in scans.sites], dtype=np.int32)[scans.site]
+        tier = _STEP_TIER[scans.step]
+        eid = table.event_id_bytes(scans.event_id)
+
+        clones: list[np.ndarray] = []
+        partners: list[np.ndarray] = []
+        by_round = np.argsort(occurrence, kind="stable")
+        ends = np.cumsum(np.bincount(occurrence))
+        for k, members in enumerate(np.split(by_round, ends[:-1])):
+            rnd = self.featurizer.round(
+                table,
+                slot[members],
+                scans.t[members],
+                loc[members],
+                tier[members],
+                scans.etype[members],
+                eid[members],
+            )
+            flags[members], confidence[members] = self._decide(rnd, table)
+            cloned = np.flatnonzero(flags[members, dup])
+            if len(cloned):
+                rows = members[cloned]
+                back = k - table.size + rnd.dup_column[cloned]  # the partner's occurrence
+                clones.append(rows)
+                partners.append(by_epc[start[scans.epc[rows]] + back])
+            if progress is not None:
+                progress(len(members))
+        if clones:
+            rows, other = np.concatenate(clones), np.concatenate(partners)
+            flags[other, dup] = True
+            np.maximum.at(confidence[:, dup], other, confidence[rows, dup])
+        return flags, confidence
+
     def _decide(self, rnd: Round, table: WindowTable) -> tuple[np.ndarray, np.ndarray]:
         """One LSTM step for the round, carrying each window's state; calibrated decisions."""
-        h = self.hidden
-        state = table.hidden[rnd.slots]
-        with torch.inference_mode():
-            logits, h_next, c_next = self.model.net.step(
-                torch.from_numpy(rnd.x),
-                torch.from_numpy(np.ascontiguousarray(state[:, :h])),
-                torch.from_numpy(np.ascontiguousarray(state[:, h:])),
-            )
-        table.hidden[rnd.slots] = np.concatenate([h_next.numpy(), c_next.numpy()], axis=1)
+        logits = np.empty((len(rnd.slots), len(ANOMALY_TYPES)), dtype=np.float32)
+        for start in range(0, len(rnd.slots), STEP_ROWS):
+            rows = slice(start, start + STEP_ROWS)
+            logits[rows] = self._step(table, rnd.slots[rows], rnd.x[rows])
 
-        z = np.clip(logits.numpy() * self.slopes + self.intercepts, -40.0, 40.0)
+        z = np.clip(logits * self.slopes + self.intercepts, -40.0, 40.0)
         confidence = 1.0 / (1.0 + np.exp(-z))
         # A type is flagged only where its check found evidence: exact checks on that alone,
         # learned types only when the model also scores the scan past the type's threshold. A
@@ -147,6 +201,19 @@ class Inferencer:
         else:
             flags = confidence >= self.thresholds
         return flags, confidence.astype(np.float32, copy=False)
+
+    def _step(self, table: WindowTable, slots: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """One LSTM step for one scan per slot, carrying each window's (h, c); the logits."""
+        h = self.hidden
+        state = table.hidden[slots]
+        with torch.inference_mode():
+            logits, h_next, c_next = self.model.net.step(
+                torch.from_numpy(x),
+                torch.from_numpy(np.ascontiguousarray(state[:, :h])),
+                torch.from_numpy(np.ascontiguousarray(state[:, h:])),
+            )
+        table.hidden[slots, :h], table.hidden[slots, h:] = h_next.numpy(), c_next.numpy()
+        return logits.numpy()
 
     def evidence(self, batch: ScoredBatch, i: int, table: WindowTable) -> Evidence:
         """The evidence behind every check that fired on scan `i` of a batch."""

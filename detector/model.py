@@ -46,13 +46,14 @@ class ScanLSTM(nn.Module):
         self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One scan per row: (batch, features) plus carried (h, c) → logits, new h, new c."""
-        gates = (
-            self.scale(x) @ self.lstm.weight_ih_l0.T
-            + self.lstm.bias_ih_l0
-            + h @ self.lstm.weight_hh_l0.T
-            + self.lstm.bias_hh_l0
+        lstm = self.lstm
+        # The fused cell `nn.LSTMCell` runs, on this layer's weights (the same gate order).
+        h_next, c_next = torch.lstm_cell(
+            self.scale(x),
+            (h, c),
+            lstm.weight_ih_l0,
+            lstm.weight_hh_l0,
+            lstm.bias_ih_l0,
+            lstm.bias_hh_l0,
         )
-        i, f, g, o = gates.chunk(4, dim=1)
-        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_next = torch.sigmoid(o) * torch.tanh(c_next)
         return self.head(h_next), h_next, c_next

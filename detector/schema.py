@@ -8,11 +8,15 @@ raises `InvalidScan` with a reason that names the field.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
+
+import numpy as np
+import pandas as pd
 
 RAW_COLUMNS: tuple[str, ...] = (
     "scan_location",
@@ -204,3 +208,184 @@ def to_scan(record: dict[str, Any], zone: str = "UTC") -> Scan:
         event_time=event_time,
         scan_location=_text(record, "scan_location") or location,
     )
+
+
+@dataclass
+class ScanColumns:
+    """Validated scans as columns, in input order: what `Scan` holds, one array per field.
+
+    `epc` and `site` index `epcs` and `sites` (each distinct value once); `row` is each scan's
+    row in the input it came from.
+    """
+
+    row: np.ndarray
+    epc: np.ndarray
+    epcs: list[str]
+    t: np.ndarray
+    site: np.ndarray
+    sites: list[str]
+    step: np.ndarray
+    etype: np.ndarray
+    event_id: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def take(self, keep: np.ndarray) -> ScanColumns:
+        """The scans where `keep` is true, with names no kept scan uses (refused values of
+        rows that went to `to_scan`) dropped."""
+        epc, epcs = _renumber(self.epc[keep], self.epcs)
+        site, sites = _renumber(self.site[keep], self.sites)
+        return ScanColumns(
+            row=self.row[keep],
+            epc=epc,
+            epcs=epcs,
+            t=self.t[keep],
+            site=site,
+            sites=sites,
+            step=self.step[keep],
+            etype=self.etype[keep],
+            event_id=self.event_id[keep],
+        )
+
+    @classmethod
+    def of_scans(cls, scans: Sequence[Scan], rows: Sequence[int]) -> ScanColumns:
+        epc, epcs = pd.factorize(pd.Series([s.epc for s in scans], dtype=object))
+        site, sites = pd.factorize(pd.Series([s.location for s in scans], dtype=object))
+        return cls(
+            row=np.asarray(rows, dtype=np.int64),
+            epc=epc.astype(np.int64),
+            epcs=list(epcs),
+            t=np.array([s.t for s in scans], dtype=np.float64),
+            site=site.astype(np.int64),
+            sites=list(sites),
+            step=np.array([s.step for s in scans], dtype=np.int8),
+            etype=np.array([s.etype for s in scans], dtype=np.int8),
+            event_id=np.array([s.event_id for s in scans], dtype=object),
+        )
+
+
+def _renumber(codes: np.ndarray, names: list[Any]) -> tuple[np.ndarray, list[str]]:
+    """`codes` into the names they use, in the order of `names`."""
+    used = np.zeros(len(names), dtype=bool)
+    used[codes] = True
+    if used.all():
+        return codes, names
+    new = np.cumsum(used) - 1
+    return new[codes], [name for name, kept in zip(names, used, strict=True) if kept]
+
+
+def scan_columns(frame: pd.DataFrame, zone: str = "UTC") -> tuple[ScanColumns, dict[int, str]]:
+    """`to_scan` over every row of a frame of text fields (a delimited file's rows), by column.
+
+    Each distinct value of a field is checked once. A row whose fields are all plain (already
+    stripped, known, parseable) is taken from those checks; any other row goes through
+    `to_scan` itself, so both give the same scan or the same reason. Returns the valid rows'
+    scans and the reason for each invalid row, by row.
+    """
+    n = len(frame)
+    plain = np.ones(n, dtype=bool)
+
+    def coded(field: str, check: Any) -> tuple[np.ndarray, list[Any]]:
+        """Codes into the checked distinct values of `field`; rows failing the check are not
+        plain. A missing column makes every row not plain."""
+        if field not in frame:
+            plain[:] = False
+            return np.zeros(n, dtype=np.int64), [None]
+        codes, distinct = pd.factorize(frame[field], use_na_sentinel=False)
+        values = [check(value) for value in np.asarray(distinct, dtype=object).tolist()]
+        plain[:] &= np.array([v is not None for v in values])[codes]
+        return codes, values
+
+    epc, epcs = coded("epc_code", _plain_text)
+    time_code, times = coded("event_time", lambda v: _plain_time(v, zone))
+    step_code, steps = coded(
+        "business_step", lambda v: STEP_INDEX.get(v) if _plain_text(v) else None
+    )
+    etype_code, etypes = coded(
+        "event_type", lambda v: EVENT_INDEX.get(v) if _plain_text(v) else None
+    )
+    site, sites = coded("location_id", _plain_text)
+    event_id = _event_ids(frame, plain)
+    columns = ScanColumns(
+        row=np.arange(n, dtype=np.int64),
+        epc=epc.astype(np.int64),
+        epcs=epcs,
+        t=np.array([v or 0.0 for v in times], dtype=np.float64)[time_code],
+        site=site.astype(np.int64),
+        sites=sites,
+        step=np.array([-1 if v is None else v for v in steps], dtype=np.int8)[step_code],
+        etype=np.array([-1 if v is None else v for v in etypes], dtype=np.int8)[etype_code],
+        event_id=event_id,
+    )
+    return _settle_rows(frame, columns, plain, zone)
+
+
+def _plain_text(value: Any) -> str | None:
+    """A field value that needs no stripping and is not empty, else None."""
+    return value if isinstance(value, str) and value and value == value.strip() else None
+
+
+def _plain_time(value: Any, zone: str) -> float | None:
+    if not _plain_text(value):
+        return None
+    try:
+        return parse_event_time(value, zone)
+    except InvalidScan:
+        return None
+
+
+def _event_ids(frame: pd.DataFrame, plain: np.ndarray) -> np.ndarray:
+    """Each row's given event id (stripped), or "" where it has none."""
+    ids = np.full(len(frame), "", dtype=object)
+    for field in reversed(EVENT_ID_FIELDS):  # the first field wins where both are set
+        if field in frame:
+            given = np.array([v.strip() for v in frame[field].to_numpy(dtype=object)], object)
+            ids = np.where(given != "", given, ids)
+    return ids
+
+
+def _settle_rows(
+    frame: pd.DataFrame, columns: ScanColumns, plain: np.ndarray, zone: str
+) -> tuple[ScanColumns, dict[int, str]]:
+    """Rows that are not plain through `to_scan`; derived event ids where none was given."""
+    invalid: dict[int, str] = {}
+    others = np.flatnonzero(~plain)
+    if len(others):
+        epcs, sites = _Names(columns.epcs), _Names(columns.sites)
+        for i, record in zip(others.tolist(), frame.iloc[others].to_dict("records"), strict=True):
+            try:
+                scan = to_scan(record, zone)
+            except InvalidScan as exc:
+                invalid[i] = str(exc)
+                continue
+            columns.epc[i], columns.site[i] = epcs.code(scan.epc), sites.code(scan.location)
+            columns.t[i], columns.step[i], columns.etype[i] = scan.t, scan.step, scan.etype
+            columns.event_id[i] = scan.event_id
+
+    missing = np.flatnonzero(plain & (columns.event_id == ""))
+    for i in missing.tolist():
+        columns.event_id[i] = derive_event_id(
+            columns.epcs[columns.epc[i]],
+            frame["event_time"].iat[i],
+            columns.sites[columns.site[i]],
+            EVENT_TYPES[columns.etype[i]],
+        )
+    keep = np.ones(len(columns), dtype=bool)
+    keep[list(invalid)] = False
+    return columns.take(keep), invalid
+
+
+class _Names:
+    """A list of distinct names (None where a checked value was refused) and their codes."""
+
+    def __init__(self, names: list[str | None]) -> None:
+        self.names = names
+        self.index = {name: i for i, name in enumerate(names) if name is not None}
+
+    def code(self, name: str) -> int:
+        found = self.index.get(name)
+        if found is None:
+            found = self.index[name] = len(self.names)
+            self.names.append(name)
+        return found

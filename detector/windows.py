@@ -13,7 +13,7 @@ follows the slots in use rather than the capacity.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -177,6 +177,28 @@ class WindowTable:
         self.hidden[slot] = 0.0
         return slot
 
+    def open_many(self, epcs: Sequence[str], t: np.ndarray) -> np.ndarray:
+        """`open` for each of `epcs` (none of them tracked yet) at times `t`; returns slots."""
+        if len(self.free) < len(epcs):
+            self._grow(max(1024, 2 * self.capacity, self.capacity + len(epcs)))
+        slots = np.array(self.free[len(self.free) - len(epcs) :][::-1], dtype=np.int64)
+        del self.free[len(self.free) - len(epcs) :]
+        defects = np.zeros(len(epcs), dtype=np.uint8)
+        made_at = np.full(len(epcs), np.nan)
+        for i, (epc, slot) in enumerate(zip(epcs, slots.tolist(), strict=True)):
+            self.slot_of[epc] = slot
+            self.epc_at[slot] = epc
+            facts = inspect_epc(epc, self.registered)
+            if facts.defects:
+                defects[i] = sum(STRUCTURE_BITS[d] for d in facts.defects)
+            if facts.made_at is not None:
+                made_at[i] = facts.made_at
+        self.defects[slots], self.made_at[slots] = defects, made_at
+        self.first_t[slots] = self.last_t[slots] = t
+        self.count[slots] = 0
+        self.hidden[slots] = 0.0
+        return slots
+
     def reset_hidden(self, hidden_size: int) -> None:
         """Start every window's LSTM state afresh, for a model with `hidden_size` units."""
         self.hidden_size = hidden_size
@@ -216,8 +238,11 @@ class WindowTable:
         self.count[slots] = np.minimum(self.count[slots] + 1, self.size)
         self.last_t[slots] = np.maximum(self.last_t[slots], t)
 
-    def event_id_bytes(self, event_ids: list[str]) -> np.ndarray:
+    def event_id_bytes(self, event_ids: Sequence[str]) -> np.ndarray:
         """Event ids as the window stores them; long ones become tokens kept in `long_ids`."""
+        plain = _plain_ids(event_ids)
+        if plain is not None:
+            return plain
         encoded = [field_bytes(e) for e in event_ids]
         for raw, event_id in zip(encoded, event_ids, strict=True):
             if raw[:1] == LONG_ID_MARK:
@@ -253,3 +278,19 @@ class WindowTable:
         self.loc[slots] = np.where(columns, remap[held], 0)
         self.sites = SiteTable(self.sites.names[i] for i in used.tolist())
         return True
+
+
+def _plain_ids(event_ids: Sequence[str]) -> np.ndarray | None:
+    """Event ids as fixed-width bytes when every one is ASCII, fits and ends in no NUL (the
+    common case, done in one conversion); None when some need `field_bytes`."""
+    ids = np.asarray(event_ids, dtype=object)
+    try:
+        encoded = ids.astype(bytes)
+    except UnicodeEncodeError:
+        return None
+    if encoded.dtype.itemsize > EVENT_ID_BYTES:
+        return None
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    if not np.array_equal(np.char.str_len(encoded), lengths):
+        return None  # a trailing NUL, which fixed-width bytes would drop
+    return encoded.astype(f"S{EVENT_ID_BYTES}")

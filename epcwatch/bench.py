@@ -721,21 +721,19 @@ def window_memory(settings: Settings, records: list[dict[str, Any]]) -> dict[str
 def score_rate(settings: Settings, file: Path, workdir: Path) -> dict[str, Any]:
     """`epcwatch score` on the stream file: read + score, then the report CSV, timed apart.
 
-    As `epcwatch score` does by default: one process per core, each scoring its EPCs.
+    As `epcwatch score` does it: one process, the file read and scored column by column.
     """
     from detector.artifact import load_model
-    from detector.report import score_file
+    from detector.report import score_file, write_report
 
     loaded = load_model(settings.model_dir)
-    workers = os.cpu_count() or 1
     started = time.perf_counter()
-    frame, summary = score_file(file, loaded, settings, workers, show_progress=False)
+    frame, summary = score_file(file, loaded, settings, show_progress=False)
     scored_s = time.perf_counter() - started
-    frame.to_csv(workdir / "anomaly_report.csv", index=False)
+    write_report(frame, workdir / "anomaly_report.csv")
     total_s = time.perf_counter() - started
     return {
         "scans": summary.events,
-        "workers": workers,
         "seconds": round(scored_s, 2),
         "rate_per_s": summary.events / scored_s,
         "with_report_seconds": round(total_s, 2),

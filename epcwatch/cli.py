@@ -300,9 +300,6 @@ def score(
     output: Annotated[Path, typer.Option("-o", "--output", help="report CSV")] = Path(
         "anomaly_report.csv"
     ),
-    workers: Annotated[
-        int, typer.Option(help="processes, each scoring its share of the EPCs (0: one per core)")
-    ] = 0,
 ) -> None:
     """Score a scan file offline with the same detector and write anomaly_report.csv.
 
@@ -314,7 +311,7 @@ def score(
     import torch
 
     from detector.artifact import ModelUnavailable, load_model
-    from detector.report import score_file
+    from detector.report import score_file, write_report
     from detector.schema import ANOMALY_TYPES, ANOMALY_WORDS
 
     settings = _settings(model_dir=model)
@@ -325,10 +322,8 @@ def score(
         loaded = load_model(settings.model_dir)
     except ModelUnavailable as exc:
         raise _fail(str(exc)) from exc
-    frame, summary = score_file(
-        file, loaded, settings, workers or os.cpu_count() or 1, sys.stderr.isatty()
-    )
-    frame.to_csv(output, index=False)
+    frame, summary = score_file(file, loaded, settings, sys.stderr.isatty())
+    write_report(frame, output)
     for number, reason in summary.invalid_rows[:20]:
         typer.secho(f"{file}:{number}: skipped: {reason}", fg="yellow", err=True)
     typer.echo(f"items analysed: {summary.items} ({summary.events} scans)")

@@ -2,6 +2,8 @@
 
 Readers yield `(line_number, record)` for good rows and `(line_number, BadRow)` for rows that
 cannot be read, so callers report bad rows by line instead of skipping them silently.
+`read_frame` reads a delimited file column by column instead (for offline scoring): the same
+rows, as a frame of text with each row's line number.
 """
 
 from __future__ import annotations
@@ -13,11 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pa_compute
+import pyarrow.csv as pa_csv
 
 from detector.schema import EVENT_ID_FIELDS, RAW_COLUMNS
 
 JSON_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+UTF8_BOM = b"\xef\xbb\xbf"
+# Bytes that make a file irregular for `read_frame`: quotes and NULs.
+IRREGULAR_MARKS = (b'"', b"\0")
+BLANK_LINES = (b"\n\n", b"\n\r\n")
 
 
 @dataclass(frozen=True)
@@ -79,3 +90,96 @@ def _read_delimited(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]
                 yield number, BadRow(f"expected {len(header)} columns, found {len(fields)}")
                 continue
             yield number, dict(zip(header, fields, strict=True))
+
+
+@dataclass
+class ScanFrame:
+    """The readable rows of a delimited scan file as text columns named by its header, each
+    row's line number, and the rows that could not be read."""
+
+    frame: pd.DataFrame
+    lines: np.ndarray
+    bad: list[tuple[int, str]]
+
+
+def read_frame(path: Path) -> ScanFrame:
+    """The rows `read_scans` yields for a delimited file, as one frame.
+
+    A regular file (one record per line: no quotes, blank lines, NULs or lone carriage
+    returns, every line as wide as the header) is parsed by Arrow's multi-threaded reader; any
+    other file goes through the row reader, so both give the same rows and line numbers.
+    """
+    data = path.read_bytes()
+    if data.startswith(UTF8_BOM):
+        data = data[len(UTF8_BOM) :]
+    fast = _read_regular(data)
+    if fast is not None:
+        return fast
+    rows = list(_read_delimited(path))
+    good = [(n, r) for n, r in rows if not isinstance(r, BadRow)]
+    header = list(good[0][1]) if good else []
+    return ScanFrame(
+        pd.DataFrame.from_records([r for _, r in good], columns=header),
+        np.array([n for n, _ in good], dtype=np.int64),
+        [(n, r.reason) for n, r in rows if isinstance(r, BadRow)],
+    )
+
+
+def _read_regular(data: bytes) -> ScanFrame | None:
+    """`data` parsed column by column, or None if it is not regular (see `read_frame`)."""
+    if any(mark in data for mark in IRREGULAR_MARKS) or (
+        b"\r" in data and _lone_carriage_return(data)
+    ):
+        return None
+    end = data.find(b"\n")
+    first = data[: end if end >= 0 else len(data)].rstrip(b"\r").decode("utf-8", "replace")
+    delimiter = _delimiter(first)
+    names = [h.strip() for h in first.split(delimiter)]
+    skip = 1
+    if "epc_code" not in names:
+        if len(names) not in (len(RAW_COLUMNS), len(RAW_COLUMNS) + 1):
+            return None
+        names = ([EVENT_ID_FIELDS[0]] if len(names) > len(RAW_COLUMNS) else []) + list(RAW_COLUMNS)
+        skip = 0
+    if len(set(names)) != len(names) or len(names) < 2:
+        return None
+    irregular: list[object] = []
+
+    def note(row: object) -> str:
+        irregular.append(row)
+        return "skip"
+
+    try:
+        table = pa_csv.read_csv(
+            pa.BufferReader(data),
+            read_options=pa_csv.ReadOptions(column_names=names, skip_rows=skip),
+            parse_options=pa_csv.ParseOptions(
+                delimiter=delimiter,
+                quote_char=False,
+                ignore_empty_lines=False,  # a blank line becomes an empty row: see below
+                invalid_row_handler=note,
+            ),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid:  # not UTF-8, say: the row reader replaces what it cannot decode
+        return None
+    if irregular:
+        return None  # a short or long line: the row reader reports it by its line number
+    if "epc_code" in names and pa_compute.any(pa_compute.equal(table["epc_code"], "")).as_py():
+        # Searching for blank lines is slow; only a row without an EPC may be one.
+        if any(blank in data for blank in BLANK_LINES):
+            return None
+    return ScanFrame(
+        table.to_pandas(types_mapper=pd.ArrowDtype),  # Arrow's strings as they are, no copy
+        np.arange(skip + 1, skip + 1 + table.num_rows, dtype=np.int64),
+        [],
+    )
+
+
+def _lone_carriage_return(data: bytes) -> bool:
+    """Whether a CR stands alone (the row reader ends a line there, Arrow may not)."""
+    return data.count(b"\r") != data.count(b"\r\n")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detector.schema import RAW_COLUMNS, derive_event_id, to_scan
-from producer.readers import BadRow, read_scans
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detector.schema import RAW_COLUMNS, InvalidScan, derive_event_id, scan_columns, to_scan
+from producer.readers import BadRow, read_frame, read_scans
 
 ROW = {
     "scan_location": "Plant A",
@@ -98,9 +103,6 @@ def test_json_lines(tmp_path: Path):
 
 def test_values_that_only_look_valid_are_refused_with_the_field_named():
     import orjson
-    import pytest
-
-    from detector.schema import InvalidScan
 
     record = {k: ROW[k] for k in ("epc_code", "business_step", "event_type", "event_time")}
     # found by an adversarial trial: a 30-digit site id became a float, then another number
@@ -115,3 +117,92 @@ def test_values_that_only_look_valid_are_refused_with_the_field_named():
             to_scan({**record, "location_id": "12", "event_time": text})
     for text in ("2025-07-21T10:00:00", "2025-07-21 10:00:00", "2025-07-21T10:00:00+09:00"):
         assert to_scan({**record, "location_id": "12", "event_time": text}).t > 0
+
+
+GOOD = f"{ROW['epc_code']},12,Factory,Aggregation,2025-07-01 10:45:09"
+HEADER = "epc_code,location_id,business_step,event_type,event_time"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        f"{HEADER}\n{GOOD}\n{GOOD}\n",  # regular: read by Arrow
+        f"{HEADER}\r\n{GOOD}\r\n{GOOD}",  # CRLF, no newline at the end
+        "\ufeff" + f"{HEADER}\n{GOOD}\n",  # a byte order mark
+        "\t".join(ROW[c] for c in RAW_COLUMNS) + "\n",  # headerless raw export
+        f'{HEADER}\n{GOOD}\n{ROW["epc_code"]},"12\nsecond",Factory,Aggregation,x\n{GOOD}\n',
+        f"{HEADER}\n{GOOD}\n\n{GOOD}\n",  # a blank line
+        f"{HEADER}\n{GOOD}\n   \n{GOOD}\n\n",  # a line of spaces, a blank line at the end
+        f"{HEADER}\n{GOOD}\nonly,three,fields\n{GOOD}\n",  # a short row
+        f"{HEADER}\n{GOOD}\r{GOOD}\n",  # a lone carriage return ends a line
+        f"{HEADER}\n{GOOD}\n,,,,\n",  # a row of empty fields is a row
+        f"{HEADER}\n{GOOD},extra\n",  # a long row
+    ],
+)
+def test_reading_by_columns_gives_the_rows_and_line_numbers_of_the_row_reader(
+    tmp_path: Path, text: str
+):
+    path = tmp_path / "scans.csv"
+    path.write_bytes(text.encode())
+    rows = list(read_scans(path))
+    read = read_frame(path)
+    good = [(n, r) for n, r in rows if not isinstance(r, BadRow)]
+    assert read.lines.tolist() == [n for n, _ in good]
+    assert read.frame.astype(object).to_dict("records") == [r for _, r in good]
+    assert read.bad == [(n, r.reason) for n, r in rows if isinstance(r, BadRow)]
+
+
+FIELD_VALUES = {
+    "epc_code": [ROW["epc_code"], " " + ROW["epc_code"], "", "x", "\u3000y"],
+    "location_id": ["12", " 12", "", "13", "\x1c14"],
+    "scan_location": ["Plant A", "", "  "],
+    "business_step": ["Factory", "WMS", " WMS", "Nowhere", ""],
+    "event_type": ["Aggregation", "WMS_Inbound", "Aggregation ", "Lunch", ""],
+    "event_time": [
+        "2025-07-01 10:45:09",
+        "2025-07-01T10:45:09+09:00",
+        " 2025-07-01 10:45:09",
+        "2025-07-01 10:45",
+        "2025-02-30 10:00:00",
+        "1970-01-01 00:00:00",
+        "2025-07-01X10:45:09",
+        "",
+    ],
+    "eventId": ["e1", " e2 ", "", "a-very-long-event-identifier-\u00e9"],
+    "event_id": ["", "other"],
+}
+
+
+@given(
+    st.lists(
+        st.fixed_dictionaries({k: st.sampled_from(v) for k, v in FIELD_VALUES.items()}),
+        min_size=1,
+        max_size=30,
+    ),
+    st.sampled_from(["UTC", "Asia/Seoul"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_validating_by_columns_gives_what_to_scan_gives_row_by_row(records, zone):
+    frame = pd.DataFrame.from_records(records, columns=list(FIELD_VALUES))
+    columns, refused = scan_columns(frame, zone)
+    expected, reasons = [], {}
+    for i, record in enumerate(records):
+        try:
+            expected.append((i, to_scan(record, zone)))
+        except InvalidScan as exc:
+            reasons[i] = str(exc)
+    assert refused == reasons
+    assert columns.row.tolist() == [i for i, _ in expected]
+    got = [
+        (columns.epcs[e], t, columns.sites[s], step, etype, event_id)
+        for e, t, s, step, etype, event_id in zip(
+            columns.epc,
+            columns.t,
+            columns.site,
+            columns.step,
+            columns.etype,
+            columns.event_id,
+            strict=True,
+        )
+    ]
+    assert got == [(s.epc, s.t, s.location, s.step, s.etype, s.event_id) for _, s in expected]
