@@ -9,11 +9,19 @@ event time, never the wall clock.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import lru_cache
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 EPC_PATTERN = re.compile(r"^(\d{3})\.(\d{7})\.(\d{7})\.(\d{6})\.(\d{8})\.(\d{9})$")
+# The same pattern for Arrow (RE2) on ASCII codes, where `\d` is [0-9] in both; Python's `$`
+# also matches before a final newline, RE2's does not.
+EPC_FIELDS = r"^(?P<header>\d{3})\.(?P<company>\d{7})\.\d{7}\.\d{6}\.(?P<made>\d{8})\.\d{9}\n?$"
 GENUINE_HEADER = "001"
 
 STRUCTURE_DEFECTS: tuple[str, ...] = ("format", "header", "company", "manufacture_date")
@@ -112,3 +120,51 @@ def time_defects(
     if scan_t - facts.made_at > max_age_days * 86400:
         found.append("too_old")
     return tuple(found)
+
+
+def inspect_epcs(codes: Sequence[str], registered: frozenset[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`inspect_epc` for many codes at once, as arrays: which `STRUCTURE_DEFECTS` each code
+    has (codes × defects) and its manufacture day (NaN for none).
+
+    >>> defects, made_at = inspect_epcs(
+    ...     ["001.8805843.3842332.100006.20250701.000008002", "x"], frozenset({"8805843"}))
+    >>> defects.tolist(), made_at.tolist()[0]
+    ([[False, False, False, False], [True, False, False, False]], 1751328000.0)
+    """
+    array = pa.array(codes, type=pa.string())
+    parts = pc.extract_regex(array, EPC_FIELDS)
+    valid = parts.is_valid()  # a code that does not match has empty fields
+    header = pc.equal(parts.field("header"), GENUINE_HEADER)
+    company = pc.is_in(parts.field("company"), value_set=pa.array(sorted(registered), pa.string()))
+    made = pc.cast(pc.if_else(valid, parts.field("made"), "0"), pa.int64()).to_numpy()
+    made_at = _day_starts(made // 10000, made // 100 % 100, made % 100)
+
+    matched = valid.to_numpy(zero_copy_only=False)
+    defects = np.zeros((len(codes), len(STRUCTURE_DEFECTS)), dtype=bool)
+    defects[:, 0] = ~matched
+    defects[:, 1] = matched & ~header.to_numpy(zero_copy_only=False)
+    defects[:, 2] = matched & ~company.to_numpy(zero_copy_only=False)
+    defects[:, 3] = matched & np.isnan(made_at)
+    made_at[~matched] = np.nan
+    # Python's `\d` takes digits of every script: those codes are inspected one by one.
+    for i in np.flatnonzero(~pc.string_is_ascii(array).to_numpy(zero_copy_only=False)).tolist():
+        facts = inspect_epc(codes[i], registered)
+        defects[i] = [d in facts.defects for d in STRUCTURE_DEFECTS]
+        made_at[i] = np.nan if facts.made_at is None else facts.made_at
+    return defects, made_at
+
+
+def _day_starts(year: np.ndarray, month: np.ndarray, day: np.ndarray) -> np.ndarray:
+    """Epoch seconds of each day's start (UTC), NaN where it is not a calendar date."""
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    days_in = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])[np.clip(month, 0, 12)]
+    days_in = days_in + (leap & (month == 2))
+    valid = (year >= 1) & (month >= 1) & (month <= 12) & (day >= 1) & (day <= days_in)
+    # Days from 1970-01-01 of a proleptic Gregorian date (the civil-from-days inverse).
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (month + np.where(month > 2, -3, 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    seconds = ((era * 146097 + doe - 719468) * 86400).astype(np.float64)
+    return np.where(valid, seconds, np.nan)

@@ -191,10 +191,16 @@ class Featurizer:
         self._site_known = np.zeros(0, dtype=bool)
         self._reset_hops()
 
-    def table(self, hidden_size: int = 0, capacity: int = 1024) -> WindowTable:
+    def table(
+        self, hidden_size: int = 0, capacity: int = 1024, event_ids: bool = True
+    ) -> WindowTable:
         """An empty window table for this featurizer's settings and registered prefixes."""
         return WindowTable(
-            self.window_scans, hidden_size, self.reference.registered_prefixes, capacity
+            self.window_scans,
+            hidden_size,
+            self.reference.registered_prefixes,
+            capacity,
+            event_ids,
         )
 
     def batch(self, table: WindowTable, scans: Sequence[Scan]) -> Featurized:

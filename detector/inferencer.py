@@ -99,9 +99,9 @@ class Inferencer:
     def version(self) -> str:
         return self.model.version
 
-    def table(self, capacity: int = 1024) -> WindowTable:
+    def table(self, capacity: int = 1024, event_ids: bool = True) -> WindowTable:
         """An empty window table this inferencer can score against."""
-        return self.featurizer.table(self.hidden, capacity)
+        return self.featurizer.table(self.hidden, capacity, event_ids)
 
     def score(self, scans: Sequence[Scan], table: WindowTable) -> list[Verdict]:
         """A verdict for every scan, in order; windows are updated in place."""
@@ -140,7 +140,7 @@ class Inferencer:
         confidence = np.zeros((n, len(ANOMALY_TYPES)), dtype=np.float32)
         if not n:
             return flags, confidence
-        table = self.table(capacity=len(scans.epcs))
+        table = self.table(capacity=len(scans.epcs), event_ids=False)
         by_epc = np.argsort(scans.epc, kind="stable")  # each EPC's scans together, in order
         per_epc = np.bincount(scans.epc, minlength=len(scans.epcs))
         start = np.cumsum(per_epc) - per_epc  # where each EPC's scans begin in `by_epc`
@@ -149,7 +149,7 @@ class Inferencer:
         slot = table.open_many(scans.epcs, scans.t[by_epc[start]])[scans.epc]
         loc = np.array([table.sites.id(s) for s in scans.sites], dtype=np.int32)[scans.site]
         tier = _STEP_TIER[scans.step]
-        eid = table.event_id_bytes(scans.event_id)
+        eid = np.zeros(n, dtype="S1")  # partners are found by place, not by id
 
         clones: list[np.ndarray] = []
         partners: list[np.ndarray] = []

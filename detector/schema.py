@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 RAW_COLUMNS: tuple[str, ...] = (
     "scan_location",
@@ -87,6 +89,8 @@ OUTBOUND_EVENTS = frozenset(
     for e in ("Aggregation", "WMS_Outbound", "HUB_Outbound", "W_Stock_Outbound", "R_Stock_Outbound")
 )
 
+# An event time in UTC as exports usually write it (ASCII digits, a valid clock).
+USUAL_TIME = r"^\d{4}-\d{2}-\d{2} ([01]\d|2[0-3]):[0-5]\d:[0-5]\d$"
 # Event times outside this range cannot come from a scanner; they are bad input, not anomalies.
 EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC).timestamp()
 LATEST_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC).timestamp()
@@ -287,25 +291,24 @@ def scan_columns(frame: pd.DataFrame, zone: str = "UTC") -> tuple[ScanColumns, d
     plain = np.ones(n, dtype=bool)
 
     def coded(field: str, check: Any) -> tuple[np.ndarray, list[Any]]:
-        """Codes into the checked distinct values of `field`; rows failing the check are not
-        plain. A missing column makes every row not plain."""
+        """Codes into the checked distinct values of `field` (`check` maps the list of them);
+        rows failing the check are not plain. A missing column makes every row not plain."""
         if field not in frame:
             plain[:] = False
             return np.zeros(n, dtype=np.int64), [None]
         codes, distinct = pd.factorize(frame[field], use_na_sentinel=False)
-        values = [check(value) for value in np.asarray(distinct, dtype=object).tolist()]
+        values = check(np.asarray(distinct, dtype=object).tolist())
         plain[:] &= np.array([v is not None for v in values])[codes]
         return codes, values
 
-    epc, epcs = coded("epc_code", _plain_text)
-    time_code, times = coded("event_time", lambda v: _plain_time(v, zone))
-    step_code, steps = coded(
-        "business_step", lambda v: STEP_INDEX.get(v) if _plain_text(v) else None
-    )
-    etype_code, etypes = coded(
-        "event_type", lambda v: EVENT_INDEX.get(v) if _plain_text(v) else None
-    )
-    site, sites = coded("location_id", _plain_text)
+    def each(check: Any) -> Any:
+        return lambda values: [check(value) for value in values]
+
+    epc, epcs = coded("epc_code", each(_plain_text))
+    time_code, times = coded("event_time", lambda values: _plain_times(values, zone))
+    step_code, steps = coded("business_step", each(STEP_INDEX.get))  # a known name is plain
+    etype_code, etypes = coded("event_type", each(EVENT_INDEX.get))
+    site, sites = coded("location_id", each(_plain_text))
     event_id = _event_ids(frame, plain)
     columns = ScanColumns(
         row=np.arange(n, dtype=np.int64),
@@ -324,6 +327,29 @@ def scan_columns(frame: pd.DataFrame, zone: str = "UTC") -> tuple[ScanColumns, d
 def _plain_text(value: Any) -> str | None:
     """A field value that needs no stripping and is not empty, else None."""
     return value if isinstance(value, str) and value and value == value.strip() else None
+
+
+def _plain_times(values: list[Any], zone: str) -> list[float | None]:
+    """`_plain_time` of each value; UTC times written `YYYY-MM-DD HH:MM:SS` (an export's usual
+    layout) are parsed together, any other one by `parse_event_time`."""
+    out: list[float | None] = [None] * len(values)
+    usual = np.zeros(len(values), dtype=bool)
+    if zone.upper() == "UTC" and values and all(isinstance(v, str) for v in values):
+        found = pc.match_substring_regex(pa.array(values, pa.string()), USUAL_TIME)
+        usual = found.to_numpy(zero_copy_only=False)
+        try:
+            stamps = np.array(np.array(values, dtype=object)[usual].astype(str), "datetime64[s]")
+        except ValueError:  # a day the month does not have: each value alone says which
+            usual[:] = False
+        else:
+            seconds = stamps.astype(np.int64).astype(np.float64)
+            inside = (seconds >= EARLIEST_EVENT_TIME) & (seconds < LATEST_EVENT_TIME)
+            rows = np.flatnonzero(usual)[inside].tolist()
+            for i, value in zip(rows, seconds[inside].tolist(), strict=True):
+                out[i] = value
+    for i in np.flatnonzero(~usual).tolist():
+        out[i] = _plain_time(values[i], zone)
+    return out
 
 
 def _plain_time(value: Any, zone: str) -> float | None:

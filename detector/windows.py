@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.epc import STRUCTURE_DEFECTS, inspect_epc
+from detector.epc import STRUCTURE_DEFECTS, inspect_epc, inspect_epcs
 
 EVENT_ID_BYTES = 16
 # Event ids longer than `EVENT_ID_BYTES` are kept as a token (this byte, then a hash) and the
@@ -77,7 +77,9 @@ class WindowTable:
     Per slot: `count`, `first_t`/`last_t` (event time), `defects` (structural defects of the
     code as bits of `STRUCTURE_BITS`), `made_at` (manufacture day, NaN if none), `hidden` (the
     LSTM's h then c). Per slot and scan: `t`, `loc` (site id), `tier`, `etype`, `side` (a clone
-    read, never a predecessor) and `eid` (event id bytes).
+    read, never a predecessor) and `eid` (event id bytes). A table without `event_ids` keeps
+    one empty byte for each: a caller that finds a clone's partner itself (scoring a whole file)
+    does not pay for moving ids around.
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class WindowTable:
         hidden_size: int,
         registered: frozenset[str],
         capacity: int = 1024,
+        event_ids: bool = True,
     ) -> None:
         self.size = window_scans
         self.hidden_size = hidden_size
@@ -110,7 +113,7 @@ class WindowTable:
             "tier": ((w,), np.int8, 0),
             "etype": ((w,), np.int8, 0),
             "side": ((w,), np.bool_, False),
-            "eid": ((w,), f"S{EVENT_ID_BYTES}", b""),
+            "eid": ((w,), f"S{EVENT_ID_BYTES if event_ids else 1}", b""),
         }
         self._grow(capacity)
 
@@ -183,17 +186,12 @@ class WindowTable:
             self._grow(max(1024, 2 * self.capacity, self.capacity + len(epcs)))
         slots = np.array(self.free[len(self.free) - len(epcs) :][::-1], dtype=np.int64)
         del self.free[len(self.free) - len(epcs) :]
-        defects = np.zeros(len(epcs), dtype=np.uint8)
-        made_at = np.full(len(epcs), np.nan)
-        for i, (epc, slot) in enumerate(zip(epcs, slots.tolist(), strict=True)):
-            self.slot_of[epc] = slot
+        self.slot_of.update(zip(epcs, slots.tolist(), strict=True))
+        for epc, slot in zip(epcs, slots.tolist(), strict=True):
             self.epc_at[slot] = epc
-            facts = inspect_epc(epc, self.registered)
-            if facts.defects:
-                defects[i] = sum(STRUCTURE_BITS[d] for d in facts.defects)
-            if facts.made_at is not None:
-                made_at[i] = facts.made_at
-        self.defects[slots], self.made_at[slots] = defects, made_at
+        found, made_at = inspect_epcs(epcs, self.registered)
+        defects = (found * np.array(list(STRUCTURE_BITS.values()), dtype=np.uint8)).sum(axis=1)
+        self.defects[slots], self.made_at[slots] = defects.astype(np.uint8), made_at
         self.first_t[slots] = self.last_t[slots] = t
         self.count[slots] = 0
         self.hidden[slots] = 0.0

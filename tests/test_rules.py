@@ -228,3 +228,40 @@ def test_made_up_site_ids_do_not_grow_the_site_table_and_real_windows_keep_their
     # the real window still knows where it was: its next, regular hop raises nothing
     found = walk(runner, JOURNEY[2:3], [180])
     assert found == [{}], found
+
+
+EPC_PIECES = st.tuples(
+    st.sampled_from(["001", "002", "01", "٠٠١"]),
+    st.sampled_from(["8805843", "8809999", "880584"]),
+    st.sampled_from(["3842332", "x842332"]),
+    st.sampled_from(["100006"]),
+    st.sampled_from(
+        [
+            "20250701",
+            "20250230",
+            "20240229",
+            "19000229",
+            "20000229",
+            "00000101",
+            "99991231",
+            "20251301",
+            "20250700",
+            "٢٠٢٥٠٧٠١",
+        ]
+    ),
+    st.sampled_from(["000008002", "00000800", "000008002\n"]),
+)
+
+
+@given(st.lists(st.one_of(EPC_PIECES.map(".".join), st.text(max_size=12)), max_size=40))
+@hsettings(max_examples=150, deadline=None)
+def test_inspecting_codes_together_finds_what_inspecting_each_finds(codes):
+    from detector.epc import STRUCTURE_DEFECTS, inspect_epc, inspect_epcs
+
+    defects, made_at = inspect_epcs(codes, frozenset({"8805843"}))
+    for code, found, made in zip(codes, defects.tolist(), made_at.tolist(), strict=True):
+        facts = inspect_epc(code, frozenset({"8805843"}))
+        assert [d for d, hit in zip(STRUCTURE_DEFECTS, found, strict=True) if hit] == list(
+            facts.defects
+        )
+        assert made == facts.made_at or (facts.made_at is None and made != made)
