@@ -91,6 +91,9 @@ OUTBOUND_EVENTS = frozenset(
 
 # An event time in UTC as exports usually write it (ASCII digits, a valid clock).
 USUAL_TIME = r"^\d{4}-\d{2}-\d{2} ([01]\d|2[0-3]):[0-5]\d:[0-5]\d$"
+# A value that starts or ends with a character `str.strip` removes (U+3000 is the last one).
+_SPACE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x3001)) if c.isspace()) + "]"
+PADDED = f"^{_SPACE}|{_SPACE}$"
 # Event times outside this range cannot come from a scanner; they are bad input, not anomalies.
 EARLIEST_EVENT_TIME = datetime(1990, 1, 1, tzinfo=UTC).timestamp()
 LATEST_EVENT_TIME = datetime(2100, 1, 1, tzinfo=UTC).timestamp()
@@ -309,7 +312,7 @@ def scan_columns(frame: pd.DataFrame, zone: str = "UTC") -> tuple[ScanColumns, d
     step_code, steps = coded("business_step", each(STEP_INDEX.get))  # a known name is plain
     etype_code, etypes = coded("event_type", each(EVENT_INDEX.get))
     site, sites = coded("location_id", each(_plain_text))
-    event_id = _event_ids(frame, plain)
+    event_id = _event_ids(frame)
     columns = ScanColumns(
         row=np.arange(n, dtype=np.int64),
         epc=epc.astype(np.int64),
@@ -361,14 +364,24 @@ def _plain_time(value: Any, zone: str) -> float | None:
         return None
 
 
-def _event_ids(frame: pd.DataFrame, plain: np.ndarray) -> np.ndarray:
+def _event_ids(frame: pd.DataFrame) -> np.ndarray:
     """Each row's given event id (stripped), or "" where it has none."""
     ids = np.full(len(frame), "", dtype=object)
     for field in reversed(EVENT_ID_FIELDS):  # the first field wins where both are set
         if field in frame:
-            given = np.array([v.strip() for v in frame[field].to_numpy(dtype=object)], object)
+            given = frame[field].to_numpy(dtype=object)
+            padded = np.flatnonzero(_padded(frame[field]))
+            given[padded] = [v.strip() for v in given[padded]]
             ids = np.where(given != "", given, ids)
     return ids
+
+
+def _padded(column: pd.Series) -> np.ndarray:
+    """Which values of a text column `str.strip` would change."""
+    if isinstance(column.dtype, pd.ArrowDtype):
+        found = pc.match_substring_regex(pa.array(column.array), PADDED)
+        return found.to_numpy(zero_copy_only=False)
+    return np.array([v != v.strip() for v in column.tolist()], dtype=bool)
 
 
 def _settle_rows(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
+import mmap
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +111,13 @@ def read_frame(path: Path) -> ScanFrame:
     returns, every line as wide as the header) is parsed by Arrow's multi-threaded reader; any
     other file goes through the row reader, so both give the same rows and line numbers.
     """
-    data = path.read_bytes()
-    if data.startswith(UTF8_BOM):
-        data = data[len(UTF8_BOM) :]
-    fast = _read_regular(data)
-    if fast is not None:
-        return fast
+    with path.open("rb") as handle:
+        if os.fstat(handle.fileno()).st_size:
+            # Mapped, not read: Arrow parses the page cache in place.
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                fast = _read_regular(data, len(UTF8_BOM) if data[:3] == UTF8_BOM else 0)
+            if fast is not None:
+                return fast
     rows = list(_read_delimited(path))
     good = [(n, r) for n, r in rows if not isinstance(r, BadRow)]
     header = list(good[0][1]) if good else []
@@ -125,14 +128,15 @@ def read_frame(path: Path) -> ScanFrame:
     )
 
 
-def _read_regular(data: bytes) -> ScanFrame | None:
-    """`data` parsed column by column, or None if it is not regular (see `read_frame`)."""
-    if any(mark in data for mark in IRREGULAR_MARKS) or (
-        b"\r" in data and _lone_carriage_return(data)
+def _read_regular(data: mmap.mmap, start: int) -> ScanFrame | None:
+    """`data` from `start` parsed column by column, or None if it is not regular (see
+    `read_frame`)."""
+    if any(data.find(mark, start) >= 0 for mark in IRREGULAR_MARKS) or (
+        data.find(b"\r", start) >= 0 and _lone_carriage_return(data)
     ):
         return None
-    end = data.find(b"\n")
-    first = data[: end if end >= 0 else len(data)].rstrip(b"\r").decode("utf-8", "replace")
+    end = data.find(b"\n", start)
+    first = data[start : end if end >= 0 else len(data)].rstrip(b"\r").decode("utf-8", "replace")
     delimiter = _delimiter(first)
     names = [h.strip() for h in first.split(delimiter)]
     skip = 1
@@ -149,9 +153,10 @@ def _read_regular(data: bytes) -> ScanFrame | None:
         irregular.append(row)
         return "skip"
 
+    view = memoryview(data)[start:]
     try:
         table = pa_csv.read_csv(
-            pa.BufferReader(data),
+            pa.py_buffer(view),
             read_options=pa_csv.ReadOptions(column_names=names, skip_rows=skip),
             parse_options=pa_csv.ParseOptions(
                 delimiter=delimiter,
@@ -167,11 +172,13 @@ def _read_regular(data: bytes) -> ScanFrame | None:
         )
     except pa.ArrowInvalid:  # not UTF-8, say: the row reader replaces what it cannot decode
         return None
+    finally:
+        view.release()  # the map closes after this; the table holds copies
     if irregular:
         return None  # a short or long line: the row reader reports it by its line number
     if "epc_code" in names and pa_compute.any(pa_compute.equal(table["epc_code"], "")).as_py():
         # Searching for blank lines is slow; only a row without an EPC may be one.
-        if any(blank in data for blank in BLANK_LINES):
+        if any(data.find(blank, start) >= 0 for blank in BLANK_LINES):
             return None
     return ScanFrame(
         table.to_pandas(types_mapper=pd.ArrowDtype),  # Arrow's strings as they are, no copy
@@ -180,6 +187,8 @@ def _read_regular(data: bytes) -> ScanFrame | None:
     )
 
 
-def _lone_carriage_return(data: bytes) -> bool:
+def _lone_carriage_return(data: mmap.mmap) -> bool:
     """Whether a CR stands alone (the row reader ends a line there, Arrow may not)."""
-    return data.count(b"\r") != data.count(b"\r\n")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = raw == ord("\r")
+    return bool((ends[:-1] & (raw[1:] != ord("\n"))).any() or ends[-1])

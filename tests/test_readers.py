@@ -173,17 +173,22 @@ FIELD_VALUES = {
 }
 
 
+@pytest.mark.parametrize("arrow", [False, True])
 @given(
-    st.lists(
+    records=st.lists(
         st.fixed_dictionaries({k: st.sampled_from(v) for k, v in FIELD_VALUES.items()}),
         min_size=1,
         max_size=30,
     ),
-    st.sampled_from(["UTC", "Asia/Seoul"]),
+    zone=st.sampled_from(["UTC", "Asia/Seoul"]),
 )
 @settings(max_examples=60, deadline=None)
-def test_validating_by_columns_gives_what_to_scan_gives_row_by_row(records, zone):
+def test_validating_by_columns_gives_what_to_scan_gives_row_by_row(arrow, records, zone):
+    import pyarrow as pa
+
     frame = pd.DataFrame.from_records(records, columns=list(FIELD_VALUES))
+    if arrow:  # as `read_frame` gives a regular file
+        frame = frame.astype(pd.ArrowDtype(pa.string()))
     columns, refused = scan_columns(frame, zone)
     expected, reasons = [], {}
     for i, record in enumerate(records):
