@@ -9,6 +9,7 @@ Python objects afterwards: verdicts, evidence and alerts are built for them alon
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -153,19 +154,9 @@ class Inferencer:
 
         clones: list[np.ndarray] = []
         partners: list[np.ndarray] = []
-        by_round = np.argsort(occurrence, kind="stable")
-        ends = np.cumsum(np.bincount(occurrence))
-        for k, members in enumerate(np.split(by_round, ends[:-1])):
-            rnd = self.featurizer.round(
-                table,
-                slot[members],
-                scans.t[members],
-                loc[members],
-                tier[members],
-                scans.etype[members],
-                eid[members],
-            )
-            flags[members], confidence[members] = self._decide(rnd, table)
+
+        def decided(k: int, members: np.ndarray, rnd: Round, step: Future) -> None:
+            flags[members], confidence[members] = step.result()
             cloned = np.flatnonzero(flags[members, dup])
             if len(cloned):
                 rows = members[cloned]
@@ -174,6 +165,30 @@ class Inferencer:
                 partners.append(by_epc[start[scans.epc[rows]] + back])
             if progress is not None:
                 progress(len(members))
+
+        by_round = np.argsort(occurrence, kind="stable")
+        ends = np.cumsum(np.bincount(occurrence))
+        # The LSTM steps of round k need only round k's features, and the features of round
+        # k + 1 need no LSTM state: a second thread steps one round while this one features
+        # the next (torch and numpy release the GIL for the work).
+        with ThreadPoolExecutor(max_workers=1) as lstm:
+            previous = None
+            for k, members in enumerate(np.split(by_round, ends[:-1])):
+                rnd = self.featurizer.round(
+                    table,
+                    slot[members],
+                    scans.t[members],
+                    loc[members],
+                    tier[members],
+                    scans.etype[members],
+                    eid[members],
+                )
+                step = lstm.submit(self._decide, rnd, table)
+                if previous is not None:
+                    decided(*previous)
+                previous = (k, members, rnd, step)
+            if previous is not None:
+                decided(*previous)
         if clones:
             rows, other = np.concatenate(clones), np.concatenate(partners)
             flags[other, dup] = True

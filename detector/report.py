@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import torch
 from tqdm import tqdm
 
 from config import Settings
@@ -66,22 +63,9 @@ def score_file(
 
     A delimited file is read and validated column by column; JSON lines go record by record.
     """
-    with _every_core():
-        if path.suffix.lower() in JSON_SUFFIXES:
-            return score_records(read_scans(path), model, settings, show_progress)
-        return _score_delimited(path, model, settings, show_progress)
-
-
-@contextmanager
-def _every_core() -> Iterator[None]:
-    """Torch threads on every core while a file is scored: it is one process, and the LSTM
-    steps over a round of a whole file's EPCs are the largest share of its time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, os.cpu_count() or 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    if path.suffix.lower() in JSON_SUFFIXES:
+        return score_records(read_scans(path), model, settings, show_progress)
+    return _score_delimited(path, model, settings, show_progress)
 
 
 def _score_delimited(

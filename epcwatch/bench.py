@@ -723,9 +723,12 @@ def score_rate(settings: Settings, file: Path, workdir: Path) -> dict[str, Any]:
 
     As `epcwatch score` does it: one process, the file read and scored column by column.
     """
+    import torch
+
     from detector.artifact import load_model
     from detector.report import score_file, write_report
 
+    torch.set_num_threads(settings.torch_threads)  # as `epcwatch score` runs
     loaded = load_model(settings.model_dir)
     started = time.perf_counter()
     frame, summary = score_file(file, loaded, settings, show_progress=False)
