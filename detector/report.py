@@ -145,8 +145,14 @@ def _summarise(
 
 def write_report(frame: pd.DataFrame, path: Path) -> None:
     """The report as CSV, written by Arrow. Nothing is quoted unless some value needs it (a
-    comma, quote or line break in it); then every text value is, as Arrow does."""
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    comma, quote or line break in it); then every text value is, as Arrow does. A frame Arrow
+    cannot take (JSON input with nested or mixed-type values, repeated column names) is
+    written by pandas."""
+    try:
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+    except (pa.ArrowException, ValueError):
+        frame.to_csv(path, index=False)
+        return
     with path.open("w+b") as handle:
         for quoting, header_quoting in (("none", csv.QUOTE_MINIMAL), ("needed", csv.QUOTE_ALL)):
             header = io.StringIO()
@@ -159,4 +165,7 @@ def write_report(frame: pd.DataFrame, path: Path) -> None:
                 pa_csv.write_csv(table, handle, options)
                 return
             except pa.ArrowInvalid:
-                continue  # a value needs quotes: write again, quoting
+                if quoting == "none":
+                    continue  # a value needs quotes: write again, quoting
+                break
+    frame.to_csv(path, index=False)  # a column type Arrow's writer does not write

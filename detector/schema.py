@@ -301,7 +301,7 @@ def scan_columns(frame: pd.DataFrame, zone: str = "UTC") -> tuple[ScanColumns, d
             return np.zeros(n, dtype=np.int64), [None]
         codes, distinct = pd.factorize(frame[field], use_na_sentinel=False)
         values = check(np.asarray(distinct, dtype=object).tolist())
-        plain[:] &= np.array([v is not None for v in values])[codes]
+        plain[:] &= np.array([v is not None for v in values], dtype=bool)[codes]
         return codes, values
 
     def each(check: Any) -> Any:

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
-import mmap
-import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +66,7 @@ def _read_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]
 
 
 def _read_delimited(path: Path) -> Iterator[tuple[int, dict[str, Any] | BadRow]]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # a long field is a field, not an error
     with path.open("r", newline="", encoding="utf-8-sig", errors="replace") as handle:
         first = handle.readline()
         delimiter = _delimiter(first)
@@ -111,13 +111,10 @@ def read_frame(path: Path) -> ScanFrame:
     returns, every line as wide as the header) is parsed by Arrow's multi-threaded reader; any
     other file goes through the row reader, so both give the same rows and line numbers.
     """
-    with path.open("rb") as handle:
-        if os.fstat(handle.fileno()).st_size:
-            # Mapped, not read: Arrow parses the page cache in place.
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-                fast = _read_regular(data, len(UTF8_BOM) if data[:3] == UTF8_BOM else 0)
-            if fast is not None:
-                return fast
+    data = path.read_bytes()
+    fast = _read_regular(data, len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0)
+    if fast is not None:
+        return fast
     rows = list(_read_delimited(path))
     good = [(n, r) for n, r in rows if not isinstance(r, BadRow)]
     header = list(good[0][1]) if good else []
@@ -128,7 +125,7 @@ def read_frame(path: Path) -> ScanFrame:
     )
 
 
-def _read_regular(data: mmap.mmap, start: int) -> ScanFrame | None:
+def _read_regular(data: bytes, start: int) -> ScanFrame | None:
     """`data` from `start` parsed column by column, or None if it is not regular (see
     `read_frame`)."""
     if any(data.find(mark, start) >= 0 for mark in IRREGULAR_MARKS) or (
@@ -153,10 +150,9 @@ def _read_regular(data: mmap.mmap, start: int) -> ScanFrame | None:
         irregular.append(row)
         return "skip"
 
-    view = memoryview(data)[start:]
     try:
         table = pa_csv.read_csv(
-            pa.py_buffer(view),
+            pa.py_buffer(memoryview(data)[start:]),
             read_options=pa_csv.ReadOptions(column_names=names, skip_rows=skip),
             parse_options=pa_csv.ParseOptions(
                 delimiter=delimiter,
@@ -172,8 +168,6 @@ def _read_regular(data: mmap.mmap, start: int) -> ScanFrame | None:
         )
     except pa.ArrowInvalid:  # not UTF-8, say: the row reader replaces what it cannot decode
         return None
-    finally:
-        view.release()  # the map closes after this; the table holds copies
     if irregular:
         return None  # a short or long line: the row reader reports it by its line number
     if "epc_code" in names and pa_compute.any(pa_compute.equal(table["epc_code"], "")).as_py():
@@ -187,7 +181,7 @@ def _read_regular(data: mmap.mmap, start: int) -> ScanFrame | None:
     )
 
 
-def _lone_carriage_return(data: mmap.mmap) -> bool:
+def _lone_carriage_return(data: bytes) -> bool:
     """Whether a CR stands alone (the row reader ends a line there, Arrow may not)."""
     raw = np.frombuffer(data, dtype=np.uint8)
     ends = raw == ord("\r")

@@ -211,3 +211,39 @@ def test_validating_by_columns_gives_what_to_scan_gives_row_by_row(arrow, record
         )
     ]
     assert got == [(s.epc, s.t, s.location, s.step, s.etype, s.event_id) for _, s in expected]
+
+
+def test_reading_a_regular_file_by_columns_again_and_again(tmp_path: Path):
+    # found by a trial: Arrow's reader threads released a mapped file's buffer late (BufferError)
+    path = tmp_path / "scans.csv"
+    path.write_text(HEADER + "\n" + "\n".join([GOOD] * 5000) + "\n")
+    for _ in range(40):
+        assert len(read_frame(path).frame) == 5000
+
+
+def test_a_header_alone_and_a_very_long_field_are_read(tmp_path: Path):
+    path = tmp_path / "scans.tsv"
+    path.write_text("\t".join(RAW_COLUMNS) + "\n")
+    columns, refused = scan_columns(read_frame(path).frame)
+    assert len(columns) == 0 and refused == {}
+    path.write_text(
+        f"{HEADER}\n" + GOOD.replace("12", "12" + "x" * 200_000, 1) + ',"quoted"\n'
+    )  # quoted: the row reader, whose default field limit is 131,072 characters
+    [(line, bad)] = list(read_scans(path))
+    assert line == 2 and bad == BadRow("expected 5 columns, found 6")
+
+
+def test_the_report_keeps_its_rows_whatever_the_values(tmp_path: Path):
+    from detector.report import write_report
+
+    frames = [
+        pd.DataFrame({"a": ["x", "y,z"], "b": [0, 1]}),  # a value that needs quotes
+        pd.DataFrame({"a": [{"k": 1}, {"k": 2}], "b": [0, 1]}),  # nested JSON values
+        pd.DataFrame({"a": ["100", 100], "b": [0, 1]}),  # a number and a string
+        pd.DataFrame([["x", 0, 1]], columns=["a", "b", "b"]),  # a repeated column name
+    ]
+    for frame in frames:
+        path = tmp_path / "report.csv"
+        write_report(frame, path)
+        back = pd.read_csv(path, dtype=str)
+        assert len(back) == len(frame) and back.shape[1] == frame.shape[1]
