@@ -238,9 +238,6 @@ class WindowTable:
 
     def event_id_bytes(self, event_ids: Sequence[str]) -> np.ndarray:
         """Event ids as the window stores them; long ones become tokens kept in `long_ids`."""
-        plain = _plain_ids(event_ids)
-        if plain is not None:
-            return plain
         encoded = [field_bytes(e) for e in event_ids]
         for raw, event_id in zip(encoded, event_ids, strict=True):
             if raw[:1] == LONG_ID_MARK:
@@ -276,19 +273,3 @@ class WindowTable:
         self.loc[slots] = np.where(columns, remap[held], 0)
         self.sites = SiteTable(self.sites.names[i] for i in used.tolist())
         return True
-
-
-def _plain_ids(event_ids: Sequence[str]) -> np.ndarray | None:
-    """Event ids as fixed-width bytes when every one is ASCII, fits and ends in no NUL (the
-    common case, done in one conversion); None when some need `field_bytes`."""
-    ids = np.asarray(event_ids, dtype=object)
-    try:
-        encoded = ids.astype(bytes)
-    except UnicodeEncodeError:
-        return None
-    if encoded.dtype.itemsize > EVENT_ID_BYTES:
-        return None
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    if not np.array_equal(np.char.str_len(encoded), lengths):
-        return None  # a trailing NUL, which fixed-width bytes would drop
-    return encoded.astype(f"S{EVENT_ID_BYTES}")
