@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         ge=0,
         description="exit after this long with partitions but without input (0: run forever)",
     )
+    instance_id: str = Field(
+        "",
+        description="stable name of this detector (e.g. a pod name); exactly-once uses it so a "
+        "restarted process fences its predecessor's open transaction at once (empty: the lowest "
+        "free slot of the group on this host)",
+    )
     session_timeout_s: float = Field(
         45.0, ge=6, le=300, description="a member silent this long leaves the group"
     )

@@ -17,7 +17,6 @@ import gc
 import signal
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from config import Settings
 from consumer.decode import decode_scan
+from consumer.instance import Instance, claim_instance, transactional_id
 from consumer.metrics import DetectorMetrics, serve
 from consumer.state import WindowStore, restore_partitions
 from detector.artifact import ModelUnavailable, load_model
@@ -138,9 +138,13 @@ class DetectorService:
         # Only failed deliveries call back: a batch is committed once `flush` leaves nothing
         # queued and no callback reported a failure, so successes need no Python call each.
         extra: dict[str, Any] = {"delivery.report.only.error": True}
+        self.instance: Instance | None = None
         if self.exactly_once:
+            # A stable id: starting with it aborts the open transaction a killed predecessor
+            # left, which would otherwise hold back every read_committed reader of its topics.
+            self.instance = claim_instance(settings.group_id, settings.instance_id)
             extra |= {
-                "transactional.id": f"{settings.group_id}-{uuid.uuid4().hex[:12]}",
+                "transactional.id": transactional_id(settings.group_id, self.instance),
                 "transaction.timeout.ms": int(TRANSACTION_TIMEOUT_S * 1000),
             }
         self.producer = make_producer(settings, **extra)
@@ -176,6 +180,7 @@ class DetectorService:
             topic=self.settings.topic_scans,
             group=self.settings.group_id,
             guarantee=self.settings.processing_guarantee,
+            instance=self.instance.name if self.instance else None,
         )
         last_input = last_progress = last_model_check = last_full_gc = time.monotonic()
         try:
@@ -214,6 +219,8 @@ class DetectorService:
         finally:
             self.producer.flush(FLUSH_TIMEOUT_S)
             self.consumer.close()
+            if self.instance is not None:
+                self.instance.release()
             if self.server is not None:
                 self.server.shutdown()
             log.info(

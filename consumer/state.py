@@ -16,6 +16,7 @@ applied twice.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -24,12 +25,15 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from detector.windows import EVENT_ID_BYTES, LONG_ID_MARK, WindowTable, field_bytes
+from producer.kafka import end_offsets
 
 log = structlog.get_logger(__name__)
 
 CHANGELOG_FORMAT = 3
 # Restored records are applied in chunks, so a restore holds at most this many values at once.
 RESTORE_CHUNK = 50_000
+# While a restore waits on an open transaction, it says so this often (seconds).
+RESTORE_WAIT_LOG_S = 5.0
 
 
 class WindowStore(WindowTable):
@@ -341,7 +345,14 @@ def _chunks(items: Iterable, size: int) -> Iterator[list]:
 def read_changelog(
     bootstrap_servers: str, topic: str, partitions: Iterable[int]
 ) -> Iterator[tuple[str, int, bytes | None]]:
-    """The changelog records of `partitions`, each read to its end as of now."""
+    """The changelog records of `partitions`, each read to its end as of now.
+
+    The end is the high watermark when the read starts. A `read_committed` reader stops short of
+    it (at the last stable offset) while a transaction is open, and the records other producers
+    committed after that transaction began would be missing from the restored windows: a
+    detector killed mid-batch in exactly-once mode leaves one open until its successor fences it
+    or the broker times it out. So the read waits for that, rather than restoring stale windows.
+    """
     reader = Consumer(
         {
             "bootstrap.servers": bootstrap_servers,
@@ -352,25 +363,35 @@ def read_changelog(
         }
     )
     try:
-        ends = {}
-        for p in partitions:
-            low, high = reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            if high > low:
-                ends[p] = high
+        ends = end_offsets(bootstrap_servers, topic, partitions)
+        ends = {p: end for p, end in ends.items() if end > 0}
         if not ends:
             return
         reader.assign([TopicPartition(topic, p, 0) for p in ends])
         remaining = set(ends)
+        waiting_since = time.monotonic()
         while remaining:
             for message in reader.consume(10000, 1.0):
                 p = message.partition()
                 if message.error():
-                    if message.error().code() == KafkaError._PARTITION_EOF:
+                    # End of what is readable: the end, or the start of an open transaction.
+                    if message.error().code() == KafkaError._PARTITION_EOF and (
+                        message.offset() >= ends[p]
+                    ):
                         remaining.discard(p)
                     continue
                 yield message.key().decode(), p, message.value()
                 if message.offset() + 1 >= ends[p]:
                     remaining.discard(p)
+            if remaining and time.monotonic() - waiting_since >= RESTORE_WAIT_LOG_S:
+                waiting_since = time.monotonic()
+                log.warning(
+                    "restore_waiting",
+                    topic=topic,
+                    partitions=sorted(remaining),
+                    reason="not read to its end yet; an open transaction holds it back until "
+                    "it is committed, aborted or timed out",
+                )
     finally:
         reader.close()
 

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import (
+    IsolationLevel,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from config import Settings
 
@@ -105,3 +113,18 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, int]
         for spec in topic_specs(settings)
         if spec.topic in metadata
     }
+
+
+def end_offsets(bootstrap_servers: str, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+    """Each partition's high watermark: the offset after its last record, committed or not.
+
+    A `read_committed` consumer cannot ask for this: its watermark query answers with the last
+    stable offset, which stops at the first transaction still open.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    futures = admin.list_offsets(
+        {TopicPartition(topic, p): OffsetSpec.latest() for p in partitions},
+        isolation_level=IsolationLevel.READ_UNCOMMITTED,
+        request_timeout=10,
+    )
+    return {tp.partition: future.result().offset for tp, future in futures.items()}

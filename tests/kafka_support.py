@@ -14,7 +14,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from config import Settings
-from producer.kafka import ensure_topics
+from producer.kafka import end_offsets, ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,11 +63,15 @@ def run_detector(settings: Settings, idle_exit_s: float = 6.0, timeout_s: float 
     )
 
 
-def read_all(settings: Settings, topic: str, timeout_s: float = 20.0) -> list:
-    """Every committed message on `topic` from the beginning to its current end.
+def read_all(settings: Settings, topic: str, timeout_s: float = 60.0) -> list:
+    """Every committed message on `topic` from the beginning to its end as of the call.
 
-    The end is known by partition EOF, not by offsets: transaction markers and aborted
-    messages take offsets that a read_committed consumer never sees.
+    The end is each partition's high watermark when the read starts, reached when the consumer
+    reports partition EOF at or past it: transaction markers and aborted messages take offsets
+    that a read_committed consumer never sees, and while a transaction is open it reports EOF
+    early, at the last stable offset (a killed exactly-once detector leaves one open until its
+    successor fences it or the broker times it out). Committed messages after that point are
+    part of the topic, so the read waits for them.
     """
     import time
 
@@ -81,6 +85,7 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 20.0) -> list:
         }
     )
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    ends = end_offsets(settings.bootstrap_servers, topic, partitions)
     consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
     remaining = set(partitions)
     messages = []
@@ -90,17 +95,19 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 20.0) -> list:
         if message is None:
             continue
         if message.error():
-            if message.error().code() == KafkaError._PARTITION_EOF:
+            if message.error().code() == KafkaError._PARTITION_EOF and (
+                message.offset() >= ends[message.partition()]
+            ):
                 remaining.discard(message.partition())
             continue
         messages.append(message)
     consumer.close()
-    assert not remaining, f"could not read {topic} to its end"
+    assert not remaining, f"could not read {topic} to its end in {timeout_s} s"
     return messages
 
 
-def read_alerts(settings: Settings) -> list[dict]:
-    return [orjson.loads(m.value()) for m in read_all(settings, settings.topic_alerts)]
+def read_alerts(settings: Settings, timeout_s: float = 60.0) -> list[dict]:
+    return [orjson.loads(m.value()) for m in read_all(settings, settings.topic_alerts, timeout_s)]
 
 
 def start_detector(settings: Settings, idle_exit_s: float = 0.0, **env_overrides: str):

@@ -219,6 +219,81 @@ def test_exactly_once_with_kills_has_no_duplicates(trained_model, tmp_path):
     check_alerts_against_labels(alerts, stream.incidents)
 
 
+def _open_transaction(settings, transactional_id: str, topic: str, timeout_ms: int = 60_000):
+    """A transaction left open on every partition of `topic`, as a killed detector leaves one."""
+    from confluent_kafka import Producer
+
+    zombie = Producer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "transactional.id": transactional_id,
+            "transaction.timeout.ms": timeout_ms,
+        }
+    )
+    zombie.init_transactions(30)
+    zombie.begin_transaction()
+    for p in range(settings.topic_partitions):
+        zombie.produce(topic, key=b"zombie", value=b"never committed", partition=p)
+    assert zombie.flush(30) == 0
+    return zombie
+
+
+@pytest.mark.integration
+def test_a_restarted_exactly_once_detector_fences_its_killed_predecessors_transaction(
+    trained_model,
+):
+    """Its alerts are readable at once, not after the broker times the open transaction out."""
+    from consumer.instance import claim_instance, transactional_id
+
+    settings = isolated_settings(trained_model, processing_guarantee="exactly_once")
+    # The predecessor held this host's first slot of the group, then died mid-transaction.
+    predecessor = claim_instance(settings.group_id)
+    _open_transaction(
+        settings, transactional_id(settings.group_id, predecessor), settings.topic_alerts
+    )
+    predecessor.release()
+
+    forged = "999.8805843.3842332.100006.20250701.000000001"  # header 999 does not exist
+    producer = make_producer(settings)
+    record = {
+        "epc_code": forged,
+        "event_time": "2025-07-20 10:00:00",
+        "location_id": "100",
+        "business_step": "Factory",
+        "event_type": "Aggregation",
+    }
+    producer.produce(settings.topic_scans, key=forged.encode(), value=orjson.dumps(record))
+    assert producer.flush(30) == 0
+    run = run_detector(settings, idle_exit_s=3.0)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # The open transaction would hold every alert partition back for 60 s.
+    alerts = read_alerts(settings, timeout_s=10.0)
+    assert [(a["epc_code"], a["anomaly_type"]) for a in alerts] == [(forged, "epcFake")]
+
+
+@pytest.mark.integration
+def test_a_restore_waits_for_an_open_transaction_instead_of_missing_later_commits():
+    from confluent_kafka import Producer
+
+    from consumer.state import read_changelog
+    from tests.kafka_support import isolated_settings as fresh
+
+    settings = fresh(__import__("pathlib").Path("unused"))
+    topic = settings.topic_state
+    zombie = _open_transaction(settings, f"zombie-{settings.group_id}", topic)
+    later = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "transactional.id": f"later-{topic}"}
+    )
+    later.init_transactions(30)
+    later.begin_transaction()
+    later.produce(topic, key=b"epc-later", value=b"committed", partition=0)
+    later.commit_transaction(30)
+    # The zombie's transaction ends (here: aborted) a little after the restore began.
+    threading.Timer(2.0, zombie.abort_transaction, args=(30,)).start()
+    records = list(read_changelog(settings.bootstrap_servers, topic, range(4)))
+    assert records == [("epc-later", 0, b"committed")]
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_group_grows_to_three_and_shrinks_to_one_with_the_same_alerts(trained_model, tmp_path):
