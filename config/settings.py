@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     max_lateness_s: float = Field(
         7 * 86400, gt=0, description="scans older than the partition's event time by more go late"
     )
+    commit_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="checkpoint (changelog, offsets; in exactly-once the transaction) at most "
+        "this often; a crash replays up to this much input (0: every batch)",
+    )
     commit_retry_s: float = Field(
         120.0, gt=0, description="how long a failing commit is retried before the process exits"
     )

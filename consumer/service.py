@@ -1,14 +1,20 @@
 """The detector service: consume scan events in batches, score them, publish alerts, commit.
 
-At-least-once (the default) holds because a batch's offsets are committed only after every
-message it produced is acknowledged: alerts, dead letters, late scans and drift events first,
-then the window changelog, then the offsets. A crash anywhere before the commit replays the batch;
-replayed alerts keep their `alert_id`, and scans whose window already holds them (the changelog
-was written) are recognised by offset and not applied twice.
+Alerts and side outputs are produced as each batch is scored. Work is made durable at a
+checkpoint, at most every `commit_interval_s` (and when partitions are revoked, when input
+pauses, and at shutdown): one changelog record per window changed since the last checkpoint,
+and the consumer offsets of every batch since then.
 
-Exactly-once runs each batch in one Kafka transaction: outputs, changelog and consumer offsets
-commit together or not at all. An abortable error aborts the transaction and rewinds both the
-input (to the committed offsets) and the windows (re-read from the committed changelog).
+At-least-once (the default) holds because offsets are committed only after every message
+produced before them is acknowledged: alerts, dead letters, late scans and drift events first,
+then the window changelog, then the offsets. A crash anywhere before the commit replays the
+batches since the last checkpoint; replayed alerts keep their `alert_id`, and scans whose window
+already holds them (the changelog was written) are recognised by offset and not applied twice.
+
+Exactly-once runs the batches between two checkpoints in one Kafka transaction: outputs,
+changelog and consumer offsets commit together or not at all. An abortable error aborts the
+transaction and rewinds both the input (to the committed offsets) and the windows (re-read from
+the committed changelog).
 """
 
 from __future__ import annotations
@@ -115,6 +121,11 @@ class DetectorService:
         self.watermarks: dict[int, float] = {}
         self.replay_upto: dict[int, int] = {}  # per partition: scans up to here may be replays
         self.last_expiry = 0.0
+        # What the batches since the last checkpoint produced and consumed.
+        self.tracker = DeliveryTracker()
+        self.pending: dict[tuple[str, int], int] = {}
+        self.in_transaction = False
+        self.last_checkpoint = time.monotonic()
         self.monitor = ScoreMonitor(
             settings.drift_delta,
             settings.drift_min_scans,
@@ -166,8 +177,8 @@ class DetectorService:
         """Consume until SIGTERM/SIGINT (or idle for `idle_exit_s`); returns the counters."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
-        # Each batch is committed before the next poll, and rebalance callbacks only run inside
-        # poll: a revoked partition never has work in flight, so revoking needs no time budget.
+        # Rebalance callbacks only run inside poll, between batches: a revoked partition's work
+        # is checkpointed in the callback, before it is given up.
         self.consumer.subscribe(
             [self.settings.topic_scans],
             on_assign=self._on_assign,
@@ -195,6 +206,8 @@ class DetectorService:
                     last_input = now
                 if messages:
                     self.process(messages)
+                elif self.pending or self.in_transaction:
+                    self.checkpoint()  # input paused: make what was done durable now
                 elif self.settings.idle_exit_s and now - last_input >= self.settings.idle_exit_s:
                     # Nothing came for a while, but a restore or a slow fetch can do that too:
                     # the broker must confirm every owned partition is read to its end.
@@ -216,6 +229,7 @@ class DetectorService:
                         tracked_epcs=len(self.windows),
                         **self.counters.as_fields(),
                     )
+            self.checkpoint()
         finally:
             self.producer.flush(FLUSH_TIMEOUT_S)
             self.consumer.close()
@@ -239,12 +253,13 @@ class DetectorService:
     def process(self, messages: list[Message]) -> None:
         """Score one batch, publish its outputs, and commit them with its offsets."""
         started = time.monotonic()
-        tracker = DeliveryTracker()
-        offsets: dict[tuple[str, int], int] = {}
+        tracker = self.tracker
+        offsets = self.pending
         scans: list[Scan] = []
         positions: list[tuple[int, int]] = []
-        if self.exactly_once:
+        if self.exactly_once and not self.in_transaction:
             self.producer.begin_transaction()
+            self.in_transaction = True
         for message in messages:
             error = message.error()
             if error is not None:
@@ -288,13 +303,8 @@ class DetectorService:
         scored_at = time.monotonic()
         self._bound_state()
         bounded_at = time.monotonic()
-        if self.exactly_once:
-            self._commit_transaction(offsets)
-        else:
-            self._flush(tracker)
-            self._write_changelog(tracker)
-            self._flush(tracker)
-            self._commit(offsets)
+        if bounded_at - self.last_checkpoint >= self.settings.commit_interval_s:
+            self.checkpoint()
         finished = time.monotonic()
         if self.settings.slow_batch_s and finished - started >= self.settings.slow_batch_s:
             log.warning(
@@ -306,6 +316,25 @@ class DetectorService:
                 commit_ms=round((finished - bounded_at) * 1000, 1),
             )
         self._count_batch(started, len(messages))
+
+    def checkpoint(self) -> None:
+        """Make every batch since the last checkpoint durable: its outputs acknowledged, the
+        windows it changed in the changelog, its offsets committed (in exactly-once, the one
+        transaction that holds them all committed)."""
+        self.last_checkpoint = time.monotonic()
+        if self.exactly_once:
+            if self.in_transaction:
+                self.in_transaction = False
+                self._commit_transaction(self.pending)
+        else:
+            self._flush(self.tracker)
+            self._write_changelog(self.tracker)
+            self._flush(self.tracker)
+            if not self._commit(self.pending):
+                self.tracker = DeliveryTracker()
+                return  # kept for the next checkpoint; a partition given up drops its offsets
+        self.pending = {}
+        self.tracker = DeliveryTracker()
 
     def _score(
         self, scans: list[Scan], positions: list[tuple[int, int]], tracker: DeliveryTracker
@@ -380,24 +409,27 @@ class DetectorService:
                 "offsets not committed, the batch will be replayed after a restart"
             )
 
-    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        """Commit synchronously; while the broker is away, keep retrying for a while."""
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> bool:
+        """Commit synchronously; while the broker is away, keep retrying for a while. False if
+        this member's generation ended first (the offsets were not committed)."""
         if not offsets:
-            return
+            return True
         partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         deadline = time.monotonic() + self.settings.commit_retry_s
         while True:
             try:
                 self.consumer.commit(offsets=partitions, asynchronous=False)
-                return
+                return True
             except KafkaException as exc:
                 if exc.args[0].code() in GROUP_GONE:
                     # This member's generation is over (the coordinator restarted or the group
-                    # rebalanced): these offsets can no longer be committed by it. Its outputs
-                    # are delivered and its changelog written, so the next owner replays the
-                    # batch, skips the scans already in the windows, and alert ids repeat.
+                    # rebalanced): these offsets cannot be committed now. Its outputs are
+                    # delivered and its changelog written: the next checkpoint commits them for
+                    # the partitions this member still owns, and a partition's next owner
+                    # replays the rest, skips the scans already in the windows, and alert ids
+                    # repeat.
                     log.warning("commit_abandoned", error=str(exc))
-                    return
+                    return False
                 if time.monotonic() > deadline:
                     raise
                 log.warning("commit_retry", error=str(exc))
@@ -535,18 +567,36 @@ class DetectorService:
         self._restore(numbers)
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # What was done since the last checkpoint is made durable before the partitions go:
+        # their next owner starts from these offsets and this changelog.
+        self.checkpoint()
+        self._release({p.partition for p in partitions}, "partitions_revoked")
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Lost, not revoked: another member may already own them, so nothing of theirs may be
+        # committed. Their next owner replays what was not committed.
         numbers = {p.partition for p in partitions}
+        log.warning("partitions_lost", partitions=sorted(numbers))
+        if self.in_transaction:
+            # The open transaction holds their outputs and offsets too: abort it, and take the
+            # partitions still owned back to their committed state.
+            self.in_transaction = False
+            self.counters.aborted += 1
+            self.producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+            self._release(numbers, "partitions_lost")
+            self._rewind()
+            self.pending = {}
+        else:
+            self._release(numbers, "partitions_lost")
+
+    def _release(self, numbers: set[int], event: str) -> None:
         self.assigned -= numbers
+        self.pending = {k: o for k, o in self.pending.items() if k[1] not in numbers}
         dropped = self.windows.drop_partitions(numbers)
         for p in numbers:
             self.watermarks.pop(p, None)
             self.replay_upto.pop(p, None)
-        log.info("partitions_revoked", partitions=sorted(numbers), windows_dropped=dropped)
-
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Lost, not revoked: another member may already own them, so nothing may be committed.
-        log.warning("partitions_lost", partitions=[p.partition for p in partitions])
-        self._on_revoke(consumer, partitions)
+        log.info(event, partitions=sorted(numbers), windows_dropped=dropped)
 
     def _count_batch(self, started: float, n_messages: int) -> None:
         self.counters.batches += 1

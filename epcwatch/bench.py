@@ -364,6 +364,8 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
             if not self.first:
                 self.first = time.perf_counter()
             super().process(messages)
+            if target and self.counters.consumed >= target:
+                self.checkpoint()  # the last batches' commit is part of the work measured
             self.last = time.perf_counter()
             if target and not self.half_tracked and self.counters.consumed >= target // 2:
                 self.half_tracked, self.rss_half = len(self.windows), rss_bytes()

@@ -297,7 +297,9 @@ def test_a_restore_waits_for_an_open_transaction_instead_of_missing_later_commit
 @pytest.mark.integration
 @pytest.mark.slow
 def test_group_grows_to_three_and_shrinks_to_one_with_the_same_alerts(trained_model, tmp_path):
-    settings = isolated_settings(trained_model, batch_max_messages=300)
+    # No checkpoint on a timer: what a member did is made durable only when its partitions are
+    # revoked (or input pauses, or it shuts down), and the next owner must carry on from that.
+    settings = isolated_settings(trained_model, batch_max_messages=300, commit_interval_s=600)
     stream = simulate(2500, 23, settings, 0.06, days=5, start=STREAM_START)
     paths = write_simulation(stream, tmp_path / "stream.tsv")
     publisher = _publish_slowly(settings, paths["scans"], rate=800)
