@@ -254,52 +254,39 @@ class DetectorService:
         """Score one batch, publish its outputs, and commit them with its offsets."""
         started = time.monotonic()
         tracker = self.tracker
-        offsets = self.pending
-        scans: list[Scan] = []
-        positions: list[tuple[int, int]] = []
         if self.exactly_once and not self.in_transaction:
             self.producer.begin_transaction()
             self.in_transaction = True
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
+        good = [m for m in messages if m.error() is None]
+        if len(good) < len(messages):
+            for message in messages:
+                error = message.error()
+                if error is not None and error.code() != KafkaError._PARTITION_EOF:
                     log.warning("consume_error", error=str(error))
-                continue
-            self.counters.consumed += 1
-            partition, offset = message.partition(), message.offset()
-            offsets[(message.topic(), partition)] = offset + 1
-            decoded = decode_scan(
-                message.value(), self.settings.max_message_bytes, self.settings.site_timezone
-            )
-            if isinstance(decoded, str):
-                self._side_output(self.settings.topic_dlq, message, decoded, tracker)
-                self.counters.dead_lettered += 1
-                self.metrics.dead_letters.inc()
-                continue
-            if offset <= self.replay_upto.get(partition, -1) and self.windows.applied(
-                decoded.epc, partition, offset
-            ):
-                self.counters.replayed += 1
-                self.metrics.replayed.inc()
-                continue
-            watermark = self.watermarks.get(partition, float("-inf"))
-            if decoded.t < watermark - self.settings.max_lateness_s:
-                reason = (
-                    f"event time {decoded.event_time} is more than max_lateness_s="
-                    f"{self.settings.max_lateness_s:.0f} behind the partition's event time"
-                )
-                self._side_output(self.settings.topic_late, message, reason, tracker)
-                self.counters.late += 1
-                self.metrics.late.inc()
-                continue
-            self.watermarks[partition] = max(watermark, decoded.t)
-            scans.append(decoded)
-            positions.append((partition, offset))
+        self.counters.consumed += len(good)
+        n = len(good)
+        partitions = np.fromiter((m.partition() for m in good), dtype=np.int64, count=n)
+        offsets = np.fromiter((m.offset() for m in good), dtype=np.int64, count=n)
+        owned = np.unique(partitions).tolist()
+        for p in owned:
+            mine = offsets[partitions == p]
+            self.pending[(self.settings.topic_scans, p)] = int(mine.max()) + 1
+
+        max_bytes, zone = self.settings.max_message_bytes, self.settings.site_timezone
+        decoded = [decode_scan(m.value(), max_bytes, zone) for m in good]
+        keep = np.array([type(d) is not str for d in decoded], dtype=bool)
+        for i in np.flatnonzero(~keep).tolist():
+            self._side_output(self.settings.topic_dlq, good[i], decoded[i], tracker)
+            self.counters.dead_lettered += 1
+            self.metrics.dead_letters.inc()
+        self._skip_replays(decoded, partitions, offsets, keep)
+        self._divert_late(decoded, good, partitions, keep, owned, tracker)
+        rows = np.flatnonzero(keep)
+        scans: list[Scan] = [decoded[i] for i in rows.tolist()]
 
         decoded_at = time.monotonic()
         if scans:
-            self._score(scans, positions, tracker)
+            self._score(scans, partitions[rows], offsets[rows], tracker)
         scored_at = time.monotonic()
         self._bound_state()
         bounded_at = time.monotonic()
@@ -336,15 +323,67 @@ class DetectorService:
         self.pending = {}
         self.tracker = DeliveryTracker()
 
+    def _skip_replays(
+        self, decoded: list, partitions: np.ndarray, offsets: np.ndarray, keep: np.ndarray
+    ) -> None:
+        """Unmark scans a window already holds (a replay after a crash): only scans up to a
+        partition's replay horizon can be, and only just after a restore."""
+        if not self.replay_upto:
+            return
+        horizon = np.array([self.replay_upto.get(p, -1) for p in partitions.tolist()])
+        for i in np.flatnonzero(keep & (offsets <= horizon)).tolist():
+            if self.windows.applied(decoded[i].epc, int(partitions[i]), int(offsets[i])):
+                keep[i] = False
+                self.counters.replayed += 1
+                self.metrics.replayed.inc()
+
+    def _divert_late(
+        self,
+        decoded: list,
+        good: list[Message],
+        partitions: np.ndarray,
+        keep: np.ndarray,
+        owned: list[int],
+        tracker: DeliveryTracker,
+    ) -> None:
+        """Send scans more than `max_lateness_s` behind their partition's event time (the
+        latest before them) to the late topic, and move each partition's watermark."""
+        rows = np.flatnonzero(keep)
+        t = np.fromiter((decoded[i].t for i in rows.tolist()), dtype=np.float64, count=len(rows))
+        bound = self.settings.max_lateness_s
+        for p in owned:
+            mine = np.flatnonzero(partitions[rows] == p)
+            if not len(mine):
+                continue
+            times = t[mine]
+            before = self.watermarks.get(p, float("-inf"))
+            # The watermark before each scan: a late scan is below it, so counting it in the
+            # running maximum changes nothing after it.
+            running = np.maximum.accumulate(times)
+            prior = np.maximum(before, np.concatenate(([-np.inf], running[:-1])))
+            self.watermarks[p] = max(before, float(running[-1]))
+            for i in rows[mine[times < prior - bound]].tolist():
+                reason = (
+                    f"event time {decoded[i].event_time} is more than max_lateness_s="
+                    f"{bound:.0f} behind the partition's event time"
+                )
+                self._side_output(self.settings.topic_late, good[i], reason, tracker)
+                keep[i] = False
+                self.counters.late += 1
+                self.metrics.late.inc()
+
     def _score(
-        self, scans: list[Scan], positions: list[tuple[int, int]], tracker: DeliveryTracker
+        self,
+        scans: list[Scan],
+        partitions: np.ndarray,
+        offsets: np.ndarray,
+        tracker: DeliveryTracker,
     ) -> None:
         inferencer, windows = self.inferencer, self.windows
         batch = inferencer.score_batch(scans, windows)
         self.metrics.scored.inc(len(scans))
         self.counters.scored += len(scans)
-        where = np.array(positions, dtype=np.int64).reshape(-1, 2)
-        windows.mark(batch.slots, where[:, 0], where[:, 1])
+        windows.mark(batch.slots, partitions, offsets)
         for i in batch.flagged_rows().tolist():
             for alert in inferencer.alerts(batch, i, windows):
                 self.counters.alerts[alert.anomaly_type] += 1

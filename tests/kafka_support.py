@@ -22,15 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 def isolated_settings(model_dir: Path, **overrides) -> Settings:
     """Settings with topics and group of their own, so tests never see each other's data."""
     tag = uuid.uuid4().hex[:8]
+    own = {
+        name: f"t-{tag}-{name.removeprefix('topic_')}"
+        for name in Settings.model_fields
+        if name.startswith("topic_") and name not in ("topic_partitions", "topic_replication")
+    }
     settings = Settings(
-        topic_scans=f"t-{tag}-scans",
-        topic_alerts=f"t-{tag}-alerts",
-        topic_drift=f"t-{tag}-drift",
-        topic_dlq=f"t-{tag}-dlq",
-        topic_state=f"t-{tag}-state",
-        group_id=f"t-{tag}-detector",
-        model_dir=model_dir,
-        **overrides,
+        **{**own, "group_id": f"t-{tag}-detector", "model_dir": model_dir, **overrides}
     )
     ensure_topics(settings)
     return settings

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import numpy as np
 import orjson
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from config import Settings
 from consumer.state import WindowStore
@@ -292,6 +293,88 @@ def test_a_restore_waits_for_an_open_transaction_instead_of_missing_later_commit
     threading.Timer(2.0, zombie.abort_transaction, args=(30,)).start()
     records = list(read_changelog(settings.bootstrap_servers, topic, range(4)))
     assert records == [("epc-later", 0, b"committed")]
+
+
+def _scan_record(epc: str, when: str, step: str = "Factory", event: str = "Aggregation") -> bytes:
+    return orjson.dumps(
+        {
+            "epc_code": epc,
+            "event_time": when,
+            "location_id": "100",
+            "business_step": step,
+            "event_type": event,
+        }
+    )
+
+
+def _stopped(run) -> dict:
+    line = next(line for line in run.stderr.splitlines() if '"detector_stopped"' in line)
+    return orjson.loads(line)
+
+
+@pytest.mark.integration
+def test_late_scans_go_to_the_late_topic_and_do_not_move_the_watermark(trained_model):
+    settings = isolated_settings(trained_model, max_lateness_s=86400.0)
+    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
+    messages = [  # all in partition 0, in this order
+        _scan_record(epc(1), "2025-07-10 12:00:00"),  # the partition's event time: 07-10 12:00
+        _scan_record(epc(2), "2025-07-09 11:00:00"),  # 25 h behind: late
+        b"not json",  # to the DLQ, between the two
+        _scan_record(epc(3), "2025-07-09 13:00:00"),  # 23 h behind: in time
+        _scan_record(epc(4), "2025-07-08 00:00:00"),  # late; did not move the watermark back
+        _scan_record(epc(5), "2025-07-11 00:00:00"),  # moves it on
+        _scan_record(epc(6), "2025-07-09 23:00:00"),  # 25 h behind the new one: late
+    ]
+    producer = make_producer(settings)
+    for value in messages:
+        producer.produce(settings.topic_scans, value=value, partition=0)
+    assert producer.flush(30) == 0
+
+    run = run_detector(settings, idle_exit_s=3.0)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Unkeyed, as they came: spread over the late topic's partitions, so ordered by source.
+    late = read_all(settings, settings.topic_late)
+    late.sort(key=lambda m: int(dict(m.headers())["source_offset"]))
+    assert [orjson.loads(m.value())["epc_code"] for m in late] == [epc(2), epc(4), epc(6)]
+    assert [dict(m.headers())["source_offset"] for m in late] == [b"1", b"4", b"6"]
+    assert all(b"max_lateness_s=86400" in dict(m.headers())["reason"] for m in late)
+    assert [m.value() for m in read_all(settings, settings.topic_dlq)] == [b"not json"]
+    stopped = _stopped(run)
+    assert (stopped["late"], stopped["dead_lettered"], stopped["scored"]) == (3, 1, 3)
+
+
+@pytest.mark.integration
+def test_input_read_again_from_the_start_is_recognised_as_already_applied(trained_model):
+    """Offsets rewound below what the windows hold (as after a crash between the changelog and
+    the commit): those scans are not applied twice and raise no alert again."""
+    settings = isolated_settings(trained_model)
+    forged = "999.8805843.3842332.100006.20250701.000000001"
+    producer = make_producer(settings)
+    for i, (step, event) in enumerate(
+        [("Factory", "Aggregation"), ("WMS", "WMS_Inbound"), ("WMS", "WMS_Outbound")]
+    ):
+        value = _scan_record(forged, f"2025-07-10 1{i}:00:00", step, event)
+        producer.produce(settings.topic_scans, key=forged.encode(), value=value)
+    assert producer.flush(30) == 0
+    first = run_detector(settings, idle_exit_s=3.0)
+    assert first.returncode == 0, first.stderr[-3000:]
+    alerts = read_alerts(settings)
+    assert len(alerts) == 3 and {a["anomaly_type"] for a in alerts} == {"epcFake"}
+
+    rewind = Consumer(
+        {"bootstrap.servers": settings.bootstrap_servers, "group.id": settings.group_id}
+    )
+    partitions = range(settings.topic_partitions)
+    rewind.commit(
+        offsets=[TopicPartition(settings.topic_scans, p, 0) for p in partitions],
+        asynchronous=False,
+    )
+    rewind.close()
+    again = run_detector(settings, idle_exit_s=3.0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    stopped = _stopped(again)
+    assert (stopped["consumed"], stopped["replayed"], stopped["scored"]) == (3, 3, 0)
+    assert len(read_alerts(settings)) == 3
 
 
 @pytest.mark.integration
