@@ -126,6 +126,7 @@ class DetectorService:
         self.pending: dict[tuple[str, int], int] = {}
         self.in_transaction = False
         self.last_checkpoint = time.monotonic()
+        self.failed = False  # set when the loop ends by an exception: nothing more is committed
         self.monitor = ScoreMonitor(
             settings.drift_delta,
             settings.drift_min_scans,
@@ -230,7 +231,15 @@ class DetectorService:
                         **self.counters.as_fields(),
                     )
             self.checkpoint()
+        except BaseException:
+            # Closing the consumer revokes its partitions, and revoking checkpoints: not after a
+            # failure, whose batch may be half done. Its input is replayed from the last
+            # checkpoint by whoever owns the partitions next.
+            self.failed = True
+            raise
         finally:
+            if self.failed and self.in_transaction:
+                self._abort_quietly()
             self.producer.flush(FLUSH_TIMEOUT_S)
             self.consumer.close()
             if self.instance is not None:
@@ -244,6 +253,15 @@ class DetectorService:
                 expired=self.windows.expired,
             )
         return self.counters
+
+    def _abort_quietly(self) -> None:
+        """Abort the open transaction on the way out, so read_committed readers need not wait
+        for the broker to time it out; if that fails too, the next instance fences it."""
+        self.in_transaction = False
+        try:
+            self.producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+        except KafkaException as exc:
+            log.warning("transaction_abort_failed", error=str(exc))
 
     def _collect_garbage(self) -> None:
         started = time.monotonic()
@@ -308,6 +326,8 @@ class DetectorService:
         """Make every batch since the last checkpoint durable: its outputs acknowledged, the
         windows it changed in the changelog, its offsets committed (in exactly-once, the one
         transaction that holds them all committed)."""
+        if self.failed:
+            return
         self.last_checkpoint = time.monotonic()
         if self.exactly_once:
             if self.in_transaction:

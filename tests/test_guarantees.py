@@ -378,6 +378,58 @@ def test_input_read_again_from_the_start_is_recognised_as_already_applied(traine
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_a_batch_that_fails_is_not_committed_when_the_consumer_closes(trained_model, guarantee):
+    """Closing the consumer revokes its partitions and a revoke checkpoints, but not after a
+    failure: the failed batch was half done, and committing it would lose its scans."""
+    import gc
+
+    from consumer.service import DetectorService
+
+    settings = isolated_settings(
+        trained_model,
+        batch_max_messages=10,
+        commit_interval_s=600,
+        processing_guarantee=guarantee,
+    )
+    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
+    producer = make_producer(settings)
+    for i in range(40):
+        producer.produce(
+            settings.topic_scans, value=_scan_record(epc(i), "2025-07-10 12:00:00"), partition=0
+        )
+    assert producer.flush(30) == 0
+
+    thresholds = gc.get_threshold()
+    service = DetectorService(settings)
+    score_batch, scored = service.inferencer.score_batch, []
+
+    def fails_on_the_second_batch(scans, table):
+        if scored:
+            raise RuntimeError("scoring failed")
+        scored.append(len(scans))
+        return score_batch(scans, table)
+
+    service.inferencer.score_batch = fails_on_the_second_batch
+    try:
+        with pytest.raises(RuntimeError, match="scoring failed"):
+            service.run()
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": settings.group_id,
+            "isolation.level": "read_committed",
+        }
+    )
+    [committed] = reader.committed([TopicPartition(settings.topic_scans, 0)], timeout=30)
+    reader.close()
+    assert scored and max(committed.offset, 0) <= scored[0]
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 def test_group_grows_to_three_and_shrinks_to_one_with_the_same_alerts(trained_model, tmp_path):
     # No checkpoint on a timer: what a member did is made durable only when its partitions are
