@@ -127,6 +127,7 @@ class DetectorService:
         self.in_transaction = False
         self.last_checkpoint = time.monotonic()
         self.failed = False  # set when the loop ends by an exception: nothing more is committed
+        self.retry_after = 0.0  # an abandoned commit is retried on a pause no sooner than this
         self.monitor = ScoreMonitor(
             settings.drift_delta,
             settings.drift_min_scans,
@@ -207,7 +208,7 @@ class DetectorService:
                     last_input = now
                 if messages:
                     self.process(messages)
-                elif self.pending or self.in_transaction:
+                elif (self.pending or self.in_transaction) and now >= self.retry_after:
                     self.checkpoint()  # input paused: make what was done durable now
                 elif self.settings.idle_exit_s and now - last_input >= self.settings.idle_exit_s:
                     # Nothing came for a while, but a restore or a slow fetch can do that too:
@@ -339,6 +340,7 @@ class DetectorService:
             self._flush(self.tracker)
             if not self._commit(self.pending):
                 self.tracker = DeliveryTracker()
+                self.retry_after = time.monotonic() + 1.0
                 return  # kept for the next checkpoint; a partition given up drops its offsets
         self.pending = {}
         self.tracker = DeliveryTracker()
