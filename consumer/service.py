@@ -270,7 +270,8 @@ class DetectorService:
         log.info("gc_full_pass", unreachable=found, pause_s=round(time.monotonic() - started, 3))
 
     def process(self, messages: list[Message]) -> None:
-        """Score one batch, publish its outputs, and commit them with its offsets."""
+        """Score one batch and publish its outputs; checkpoint once `commit_interval_s` has
+        passed since the last checkpoint."""
         started = time.monotonic()
         tracker = self.tracker
         if self.exactly_once and not self.in_transaction:
