@@ -415,6 +415,34 @@ def _detector_child(overrides: dict[str, Any], target: int, out: multiprocessing
     )
 
 
+def restore_time(settings: Settings) -> dict[str, Any]:
+    """How long a detector that is assigned every partition takes to read the changelog the
+    throughput run left (all its windows) back into a window store, before its first batch."""
+    from consumer.state import WindowStore, restore_partitions
+    from detector.artifact import load_model
+    from detector.inferencer import Inferencer
+
+    model = load_model(settings.model_dir)
+    store = WindowStore(
+        settings.window_scans,
+        Inferencer(model, settings).hidden,
+        model.reference.registered_prefixes,
+        settings.state_max_epcs,
+        settings.state_ttl_s,
+    )
+    started = time.perf_counter()
+    windows = restore_partitions(
+        store, settings.bootstrap_servers, settings.topic_state, range(settings.topic_partitions)
+    )
+    seconds = time.perf_counter() - started
+    return {
+        "windows": windows,
+        "tracked_epcs": len(store),
+        "seconds": round(seconds, 2),
+        "windows_per_s": windows / seconds if seconds > 0 else math.nan,
+    }
+
+
 def guarantee_settings(settings: Settings, guarantee: str) -> Settings:
     """The bench settings for one guarantee: the same scan topic, outputs and state of its own
     (a shared changelog would make the second run see every scan as already applied)."""
@@ -858,6 +886,9 @@ def _measure(
         run_settings = guarantee_settings(settings, guarantee)
         try:
             out[f"detector_{guarantee}"] = detector_rate(run_settings, expected)
+            if guarantee == "at_least_once":
+                log.info("bench_phase", phase="restore")
+                out["restore"] = restore_time(run_settings)
         finally:
             delete_topics(run_settings, keep=[settings.topic_scans])
 
@@ -966,6 +997,15 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
                     "",
                 )
             )
+    restore = results.get("restore")
+    if restore:
+        rows.append(
+            (
+                f"restore {restore['windows']:,} windows from the changelog (s)",
+                f"{restore['seconds']:,.1f} ({rate_text(restore['windows_per_s'])}/s)",
+                "",
+            )
+        )
     memory = results.get("window_memory", {})
     if memory.get("bytes_per_epc"):
         rows.append(

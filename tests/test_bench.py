@@ -106,3 +106,32 @@ def test_summary_rows_say_when_exactly_once_is_not_available() -> None:
 
     assert rows["detector at-least-once (scans/s)"] == "25,000 (25% of raw)"
     assert rows["detector exactly-once (scans/s)"] == "not available"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_small_bench_run_measures_every_phase_and_leaves_no_topics(trained_model, tmp_path):
+    from confluent_kafka.admin import AdminClient
+
+    from epcwatch.bench import BenchOptions, run_bench
+
+    settings = Settings(model_dir=trained_model)
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    before = set(admin.list_topics(timeout=10).topics)
+    options = BenchOptions(scans=3000, latency_s=0, train_scans=0, results_dir=tmp_path)
+    results = run_bench(settings, options)
+
+    scans = results["stream"]["scans"]
+    assert scans >= 3000 and results["raw_consume"]["scans"] == scans
+    for guarantee in ("at_least_once", "exactly_once"):
+        run = results[f"detector_{guarantee}"]
+        assert (run["scans"], run["scored"]) == (scans, scans)
+        assert run["alerts"] > 0 and run["rate_per_s"] > 0
+    # Every window the throughput run ended with is in its changelog, and comes back.
+    tracked = results["detector_at_least_once"]["tracked_epcs"]
+    assert results["restore"]["windows"] == results["restore"]["tracked_epcs"] == tracked
+    assert results["score"]["scans"] == scans
+    rows = {measure for measure, _, _ in summary_rows(results)}
+    assert any(measure.startswith("restore ") for measure in rows)
+    after = set(admin.list_topics(timeout=10).topics)
+    assert not [t for t in after - before if t.startswith("bench-")]  # its own are deleted
