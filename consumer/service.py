@@ -128,6 +128,7 @@ class DetectorService:
         self.last_checkpoint = time.monotonic()
         self.failed = False  # set when the loop ends by an exception: nothing more is committed
         self.retry_after = 0.0  # an abandoned commit is retried on a pause no sooner than this
+        self.waiting_for_others = False  # logged once: an idle exit waits for other partitions
         self.monitor = ScoreMonitor(
             settings.drift_delta,
             settings.drift_min_scans,
@@ -702,7 +703,34 @@ class DetectorService:
             if not self.exactly_once:  # exactly-once rewinds an aborted batch instead
                 self._commit(behind)
             return False
-        return bool(partitions)
+        return bool(partitions) and self._others_drained(topic)
+
+    def _others_drained(self, topic: str) -> bool:
+        """Whether the partitions this member does not own are committed to their ends too.
+
+        A member that died still holds its partitions until its session times out; an idle
+        exit before they are handed over and read would leave them unread."""
+        try:
+            every = self.consumer.list_topics(topic, timeout=10).topics[topic].partitions
+            others = [TopicPartition(topic, p) for p in sorted(every) if p not in self.assigned]
+            if not others:
+                return True
+            for tp in self.consumer.committed(others, timeout=10):
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=10)
+                if (tp.offset if tp.offset >= 0 else low) < high:
+                    if not self.waiting_for_others:
+                        self.waiting_for_others = True
+                        log.info(
+                            "idle_exit_waits",
+                            reason="partitions owned elsewhere or "
+                            "by no live member are not committed to their end",
+                            partition=tp.partition,
+                        )
+                    return False
+        except KafkaException as exc:
+            log.warning("caught_up_check_failed", error=str(exc))
+            return False
+        return True
 
     def _refresh_gauges(self) -> None:
         topic = self.settings.topic_scans

@@ -211,7 +211,15 @@ class WindowStore(WindowTable):
         return orjson.dumps({"sites": sites, "ids": ids})
 
     def restore(self, records: Iterable[tuple[str, int, bytes | None]]) -> int:
-        """Apply changelog records (EPC, partition, value) in order; returns windows restored."""
+        """Apply changelog records (EPC, partition, value) in order; returns windows restored.
+
+        Restored windows are in the changelog already, so they are not written again; changes
+        still pending for the windows held before (other partitions, since the last
+        checkpoint) stay pending. Windows the cap evicts now are tombstoned like any others.
+        """
+        pending = np.unique(np.concatenate(self._changed)) if self._changed else np.zeros(0, int)
+        pending = pending[[self.epc_at[slot] is not None for slot in pending.tolist()]]
+        self._changed = []  # (a slot freed before is not: the restore may reuse it)
         restored = 0
         for chunk in _chunks(records, RESTORE_CHUNK):
             latest: dict[str, tuple[int, bytes | None]] = {}
@@ -220,9 +228,8 @@ class WindowStore(WindowTable):
             gone = [self.slot_of[e] for e, (_, v) in latest.items() if v is None and e in self]
             self.close(gone)
             restored += self._apply([(e, p, v) for e, (p, v) in latest.items() if v is not None])
-        self._changed.clear()
+        self._changed = [pending]
         self.bound()  # the cap holds for restored windows too
-        self.dropped.clear()
         return restored
 
     def _apply(self, records: list[tuple[str, int, bytes]]) -> int:

@@ -34,6 +34,7 @@ from tests.kafka_support import (
     read_all,
     run_detector,
     start_detector,
+    wait_until_consuming,
 )
 
 STREAM_START = datetime(2025, 7, 20, tzinfo=UTC)
@@ -123,6 +124,23 @@ def test_an_unreadable_changelog_record_is_skipped_and_the_rest_restored():
     records = store.take_changes() + [("001.8805843.3842332.100006.20250701.9", 0, b"\x01{}")]
     back = _store()
     assert back.restore(records) == 1 and epc in back
+
+
+def test_a_restore_keeps_the_changes_pending_for_windows_already_held():
+    """Taking over partitions between two checkpoints must not forget what changed since the
+    last one in the partitions already owned: their offsets are committed at the next one."""
+    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
+    other = _store()
+    _apply(other, [make_scan("Aggregation", "Factory", "101", "2025-07-01 10:00:00", epc(1))], 1)
+    records = other.take_changes()  # partition 1's changelog, as another member left it
+
+    store = _store(ttl_s=3600)
+    _apply(store, [make_scan("Aggregation", "Factory", "101", "2025-07-01 08:00:00", epc(2))], 0)
+    _apply(store, [make_scan("Aggregation", "Factory", "101", "2025-07-01 10:00:00", epc(3))], 0)
+    assert store.expire() == 1  # epc 2: a tombstone pending too
+    assert store.restore(records) == 1
+    pending = {key: value is not None for key, _, value in store.take_changes()}
+    assert pending == {epc(2): False, epc(3): True}  # the restored window is not written back
 
 
 def test_store_bounds_count_evictions_and_expiry_and_emit_tombstones():
@@ -427,6 +445,28 @@ def test_a_batch_that_fails_is_not_committed_when_the_consumer_closes(trained_mo
     [committed] = reader.committed([TopicPartition(settings.topic_scans, 0)], timeout=30)
     reader.close()
     assert scored and max(committed.offset, 0) <= scored[0]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_an_idle_exit_waits_for_the_partitions_a_dead_member_still_holds(trained_model):
+    settings = isolated_settings(trained_model, session_timeout_s=6)
+    first = start_detector(settings)
+    wait_until_consuming(first)
+    second = start_detector(settings, idle_exit_s=3.0)
+    wait_until_consuming(second)
+    time.sleep(3)  # the group has settled: each member owns some partitions
+    first.send_signal(signal.SIGKILL)
+    first.wait(30)
+    producer = make_producer(settings)
+    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
+    for i in range(400):  # keyed: every partition gets scans
+        value = _scan_record(epc(i), "2025-07-10 12:00:00")
+        producer.produce(settings.topic_scans, key=epc(i).encode(), value=value)
+    assert producer.flush(30) == 0
+    # The dead member's partitions are handed over when its session times out, and read.
+    assert second.wait(120) == 0, open(second.log_path).read()[-3000:]
+    assert committed_all(settings), open(second.log_path).read()[-3000:]
 
 
 @pytest.mark.integration
