@@ -129,7 +129,8 @@ def test_a_small_bench_run_measures_every_phase_and_leaves_no_topics(trained_mod
         assert run["alerts"] > 0 and run["rate_per_s"] > 0
     # Every window the throughput run ended with is in its changelog, and comes back.
     tracked = results["detector_at_least_once"]["tracked_epcs"]
-    assert results["restore"]["windows"] == results["restore"]["tracked_epcs"] == tracked
+    assert results["restore"]["windows"] == tracked
+    assert results["restore"]["records"] >= tracked
     assert results["score"]["scans"] == scans
     rows = {measure for measure, _, _ in summary_rows(results)}
     assert any(measure.startswith("restore ") for measure in rows)
