@@ -67,6 +67,16 @@ GROUP_GONE = frozenset(
 )
 
 
+# A newer producer with this detector's transactional id took over.
+FENCED = frozenset(
+    {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+)
+
+
+class DetectorFenced(RuntimeError):
+    """Another live detector started with this one's transactional id; this one must stop."""
+
+
 class DeliveryFailed(RuntimeError):
     """Some output of a batch was not acknowledged; its offsets were not committed."""
 
@@ -161,6 +171,8 @@ class DetectorService:
                 "transactional.id": transactional_id(settings.group_id, self.instance),
                 "transaction.timeout.ms": int(TRANSACTION_TIMEOUT_S * 1000),
             }
+        self.fatal: KafkaError | None = None  # the producer's fatal error, once it has one
+        extra["error_cb"] = self._producer_error
         self.producer = make_producer(settings, **extra)
         if self.exactly_once:
             self.producer.init_transactions(30)
@@ -233,16 +245,21 @@ class DetectorService:
                         **self.counters.as_fields(),
                     )
             self.checkpoint()
-        except BaseException:
+        except BaseException as exc:
             # Closing the consumer revokes its partitions, and revoking checkpoints: not after a
             # failure, whose batch may be half done. Its input is replayed from the last
             # checkpoint by whoever owns the partitions next.
             self.failed = True
+            if isinstance(exc, KafkaException) and self._was_fenced(exc.args[0]):
+                raise self._fenced(exc) from exc
             raise
         finally:
             if self.failed and self.in_transaction:
                 self._abort_quietly()
-            self.producer.flush(FLUSH_TIMEOUT_S)
+            try:
+                self.producer.flush(FLUSH_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - leaving anyway; the group must be left
+                log.warning("producer_flush_failed", error=str(exc))
             self.consumer.close()
             if self.instance is not None:
                 self.instance.release()
@@ -255,6 +272,34 @@ class DetectorService:
                 expired=self.windows.expired,
             )
         return self.counters
+
+    def _producer_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            self.fatal = error
+            log.error("producer_fatal_error", error=str(error))
+
+    def _was_fenced(self, error: KafkaError) -> bool:
+        """A produce after the producer was fenced fails with a generic fatal error; the
+        reason reaches the error callback, served here."""
+        if error.code() == KafkaError._FATAL and self.fatal is None:
+            try:
+                self.producer.poll(0)
+            except KafkaException as exc:  # the fatal error itself, raised by the poll
+                self.fatal = exc.args[0]
+        cause = self.fatal if error.code() == KafkaError._FATAL and self.fatal else error
+        return cause.code() in FENCED
+
+    def _fenced(self, exc: KafkaException) -> DetectorFenced:
+        name = self.instance.name if self.instance else "?"
+        message = (
+            f"fenced: another detector of group {self.settings.group_id!r} started with the "
+            f"same transactional id, {transactional_id(self.settings.group_id, self.instance)!r} "
+            f"(instance id {name!r}), and took over its transactions; this one stops. Give "
+            f"every live detector its own EPCWATCH_INSTANCE_ID (or none: each process then "
+            f"claims a free slot on its host). ({(self.fatal or exc.args[0]).str()})"
+        )
+        log.error("detector_fenced", instance=name, error=message)
+        return DetectorFenced(message)
 
     def _abort_quietly(self) -> None:
         """Abort the open transaction on the way out, so read_committed readers need not wait

@@ -280,7 +280,7 @@ def detect(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    from consumer.service import DetectorService
+    from consumer.service import DetectorFenced, DetectorService
     from detector.artifact import ModelUnavailable
     from producer.kafka import BrokerUnavailable, ensure_topics
 
@@ -290,7 +290,10 @@ def detect(
         service = DetectorService(settings, stop)
     except (ModelUnavailable, BrokerUnavailable) as exc:
         raise _fail(str(exc)) from exc
-    service.run()
+    try:
+        service.run()
+    except DetectorFenced as exc:
+        raise _fail(str(exc)) from exc
 
 
 @app.command()

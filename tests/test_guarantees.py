@@ -471,6 +471,31 @@ def test_an_idle_exit_waits_for_the_partitions_a_dead_member_still_holds(trained
 
 @pytest.mark.integration
 @pytest.mark.slow
+def test_two_live_detectors_with_one_instance_id_the_fenced_one_says_why(trained_model):
+    settings = isolated_settings(trained_model, processing_guarantee="exactly_once")
+    first = start_detector(settings, instance_id="pod-a")
+    wait_until_consuming(first)
+    second = start_detector(settings, instance_id="pod-a")
+    wait_until_consuming(second)
+    producer = make_producer(settings)
+    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
+    for i in range(200):  # keyed: both members get scans
+        value = _scan_record(epc(i), "2025-07-10 12:00:00")
+        producer.produce(settings.topic_scans, key=epc(i).encode(), value=value)
+    assert producer.flush(30) == 0
+    try:
+        assert first.wait(60) == 1
+        log = open(first.log_path).read()
+        assert '"detector_fenced"' in log and "EPCWATCH_INSTANCE_ID" in log, log[-3000:]
+        assert "Traceback" not in log, log[-3000:]
+        assert '"partitions_revoked"' in log  # it left the group instead of timing out of it
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(60)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_group_grows_to_three_and_shrinks_to_one_with_the_same_alerts(trained_model, tmp_path):
     # No checkpoint on a timer: what a member did is made durable only when its partitions are
     # revoked (or input pauses, or it shuts down), and the next owner must carry on from that.
