@@ -232,8 +232,16 @@ class WindowStore(WindowTable):
         self.bound()  # the cap holds for restored windows too
         return restored
 
-    def _apply(self, records: list[tuple[str, int, bytes]]) -> int:
-        applied = 0
+    def _apply(self, records: list[tuple[str, int, bytes]], together: bool = True) -> int:
+        """Load records into windows; returns how many were applied. Records of this store's
+        window and LSTM sizes holding only plain (ASCII) sites and event ids are loaded
+        together, as arrays (`together`); any other record one at a time (`_load`)."""
+        if together:
+            rest = self._apply_together(records)
+            applied = len(records) - len(rest)
+            records = rest
+        else:
+            applied = 0
         for epc, partition, value in records:
             try:
                 record, names = decode_record(value)
@@ -248,10 +256,60 @@ class WindowStore(WindowTable):
             self.touched[slot] = self.updates
             self.updates += 1
             applied += 1
-        if records:
+        if applied:
             live = self.live_slots()
             self.watermark = max(self.watermark, float(self.last_t[live].max()))
         return applied
+
+    def _apply_together(
+        self, records: list[tuple[str, int, bytes]]
+    ) -> list[tuple[str, int, bytes]]:
+        """`_load` for every record it can take as one array; returns the others."""
+        dtype = record_dtype(self.size, self.hidden_size)
+        hidden = self.hidden_size.to_bytes(2, "little")
+        plain = [
+            i
+            for i, (_, _, v) in enumerate(records)
+            if len(v) == dtype.itemsize
+            and v[0] == CHANGELOG_FORMAT
+            and v[2] == self.size
+            and v[3:5] == hidden
+        ]
+        if not plain:
+            return records
+        block = np.frombuffer(b"".join(records[i][2] for i in plain), dtype)
+        n, w = len(block), self.size
+        ascii_ok = np.ones(n, dtype=bool)
+        for name in ("loc", "eid"):
+            cells = np.ascontiguousarray(block[name]).view(np.uint8).reshape(n, -1)
+            ascii_ok &= cells.max(axis=1) < 0x80
+        if not ascii_ok.all():
+            block = block[ascii_ok]
+            plain = [i for i, ok in zip(plain, ascii_ok.tolist(), strict=True) if ok]
+            n = len(block)
+        epcs = [records[i][0] for i in plain]
+        slots = np.array([self.slot_of.get(e, -1) for e in epcs], dtype=np.int64)
+        new = np.flatnonzero(slots < 0)
+        if len(new):
+            slots[new] = self.open_many([epcs[j] for j in new.tolist()], block["first_t"][new])
+        kept = np.minimum(block["count"].astype(np.int64), w)
+        self.count[slots] = kept
+        self.offset[slots] = block["offset"]
+        self.first_t[slots], self.last_t[slots] = block["first_t"], block["last_t"]
+        self.hidden[slots] = block["hidden"]
+        for name in ("t", "tier", "etype", "side", "eid"):
+            getattr(self, name)[slots] = block[name]
+        held = np.arange(w) >= (w - kept)[:, None]
+        names, codes = np.unique(block["loc"][held], return_inverse=True)
+        ids = np.array([self.sites.id(raw.decode()) for raw in names.tolist()], dtype=np.int64)
+        loc = np.zeros((n, w), dtype=self.loc.dtype)
+        loc[held] = ids[codes.ravel()]
+        self.loc[slots] = loc
+        self.partition[slots] = [records[i][1] for i in plain]
+        self.touched[slots] = self.updates + np.arange(n)
+        self.updates += n
+        taken = set(plain)
+        return [r for i, r in enumerate(records) if i not in taken]
 
     def _load(self, slot: int, record: np.void, names: dict[str, dict[str, str]]) -> None:
         """One decoded record into a slot; a different window length keeps the newest scans,

@@ -5,6 +5,7 @@ Every test runs real detector processes against the real broker and kills them f
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import signal
 import threading
@@ -141,6 +142,51 @@ def test_a_restore_keeps_the_changes_pending_for_windows_already_held():
     assert store.restore(records) == 1
     pending = {key: value is not None for key, _, value in store.take_changes()}
     assert pending == {epc(2): False, epc(3): True}  # the restored window is not written back
+
+
+def test_records_restored_together_give_the_windows_of_records_restored_one_by_one():
+    rng = np.random.default_rng(3)
+    steps = [("Aggregation", "Factory"), ("WMS_Inbound", "WMS"), ("WMS_Outbound", "WMS")]
+    sites = ["101", "205", "Warehouse-With-A-Long-Name-0042", "é-site", "S9"]
+    store = _store(max_epcs=10_000)
+    scans = []
+    for i in range(300):
+        epc = f"{'999' if i % 17 == 0 else '001'}.8805843.3842332.100006.20250701.{i:09d}"
+        for k in range(int(rng.integers(1, 16))):  # past the window's 12 too
+            event, step = steps[k % 3]
+            site = sites[int(rng.integers(0, len(sites)))] if i % 5 == 0 else sites[k % 2]
+            when = f"2025-07-0{1 + k // 8} {10 + k % 8}:{i % 60:02d}:00"
+            scan = make_scan(event, step, site, when, epc)  # a long event id
+            if i % 7:
+                scan = dataclasses.replace(scan, event_id=f"{i:08x}{k:08x}")  # one that fits
+            scans.append(scan)
+    for start in range(0, len(scans), 97):
+        partition = int(rng.integers(0, 4))
+        _apply(store, scans[start : start + 97], partition=partition, first_offset=start)
+    records = [(e, p, v) for e, p, v in store.take_changes() if v is not None]
+
+    rest = _store(max_epcs=10_000)._apply_together(records)
+    assert 0 < len(rest) < len(records) / 2  # most together; long and non-ASCII names one by one
+    together, one_by_one = _store(max_epcs=10_000), _store(max_epcs=10_000)
+    assert together._apply(records) == one_by_one._apply(records, together=False) == 300
+    assert set(together.slot_of) == set(one_by_one.slot_of) == set(store.slot_of)
+    for epc in store.slot_of:
+        a, b = together.slot_of[epc], one_by_one.slot_of[epc]
+        held = slice(together.size - int(together.count[a]), together.size)
+        assert together.count[a] == one_by_one.count[b]
+        for name in ("offset", "first_t", "last_t", "partition", "defects"):
+            assert getattr(together, name)[a] == getattr(one_by_one, name)[b], name
+        np.testing.assert_array_equal(together.made_at[a], one_by_one.made_at[b])
+        np.testing.assert_array_equal(together.hidden[a], one_by_one.hidden[b])
+        for name in ("t", "tier", "etype", "side", "eid"):
+            np.testing.assert_array_equal(
+                getattr(together, name)[a, held], getattr(one_by_one, name)[b, held], name
+            )
+        assert [together.sites.names[x] for x in together.loc[a, held]] == [
+            one_by_one.sites.names[x] for x in one_by_one.loc[b, held]
+        ]
+        assert together.event_id(together.eid[a, -1]) == one_by_one.event_id(one_by_one.eid[b, -1])
+    assert together.watermark == one_by_one.watermark
 
 
 def test_store_bounds_count_evictions_and_expiry_and_emit_tombstones():
