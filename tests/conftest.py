@@ -99,6 +99,19 @@ def runner(reference: Reference, settings: Settings) -> Runner:
     return Runner(reference, settings)
 
 
+@pytest.fixture(autouse=True)
+def _end_started_detectors():
+    """Kill the detectors a test started and did not end (it failed first), by their PIDs."""
+    yield
+    from tests.kafka_support import STARTED
+
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+
+
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """A model trained on simulated history of the network every test stream uses."""

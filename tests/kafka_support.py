@@ -108,6 +108,11 @@ def read_alerts(settings: Settings, timeout_s: float = 60.0) -> list[dict]:
     return [orjson.loads(m.value()) for m in read_all(settings, settings.topic_alerts, timeout_s)]
 
 
+# Every detector `start_detector` started: a test that fails before ending its detectors
+# leaves them to the `conftest` fixture that kills what is still running after each test.
+STARTED: list[subprocess.Popen] = []
+
+
 def start_detector(settings: Settings, idle_exit_s: float = 0.0, **env_overrides: str):
     """Start `epcwatch detect` in the background; the caller ends it (by its PID)."""
     env = settings_env(settings)
@@ -119,6 +124,7 @@ def start_detector(settings: Settings, idle_exit_s: float = 0.0, **env_overrides
     log = tempfile.NamedTemporaryFile(prefix="detector-", suffix=".log", delete=False)
     process = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     process.log_path = log.name  # type: ignore[attr-defined]
+    STARTED.append(process)
     return process
 
 
