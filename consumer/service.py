@@ -668,7 +668,10 @@ class DetectorService:
 
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Restoring inside the callback means no scan of these partitions can be returned by
-        # poll, and so scored, before its EPC's window is back.
+        # poll, and so scored, before its EPC's window is back. What was done before is made
+        # durable first: a restore can take seconds, and an exactly-once transaction should
+        # not stay open (holding back read_committed readers) through it.
+        self.checkpoint()
         numbers = [p.partition for p in partitions]
         self.assigned.update(numbers)
         log.info("partitions_assigned", partitions=numbers)
