@@ -663,6 +663,13 @@ def latency(settings: Settings, stream: Stream, options: BenchOptions) -> dict[s
         "produce_to_alert": latency_summary(to_alert),
         "produce_to_detected_at": latency_summary(to_scored),
         "detector_peak_rss_mb": round(detector_peak / 2**20, 1),
+        # Batches the detector logged as slow (over `slow_batch_s`), with their phases: what a
+        # stall in the latency run was spent on.
+        "detector_slow_batches": [
+            {k: v for k, v in orjson.loads(line).items() if k != "level"}
+            for line in lines
+            if '"slow_batch"' in line
+        ][:20],
     }
 
 
