@@ -371,6 +371,16 @@ def _scan_record(epc: str, when: str, step: str = "Factory", event: str = "Aggre
     )
 
 
+def _publish_keyed(settings, count: int) -> None:
+    """`count` first scans of distinct EPCs, keyed by EPC (so spread over the partitions)."""
+    producer = make_producer(settings)
+    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
+    for i in range(count):
+        value = _scan_record(epc(i), "2025-07-10 12:00:00")
+        producer.produce(settings.topic_scans, key=epc(i).encode(), value=value)
+    assert producer.flush(30) == 0
+
+
 def _stopped(run) -> dict:
     line = next(line for line in run.stderr.splitlines() if '"detector_stopped"' in line)
     return orjson.loads(line)
@@ -504,12 +514,7 @@ def test_an_idle_exit_waits_for_the_partitions_a_dead_member_still_holds(trained
     time.sleep(3)  # the group has settled: each member owns some partitions
     first.send_signal(signal.SIGKILL)
     first.wait(30)
-    producer = make_producer(settings)
-    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
-    for i in range(400):  # keyed: every partition gets scans
-        value = _scan_record(epc(i), "2025-07-10 12:00:00")
-        producer.produce(settings.topic_scans, key=epc(i).encode(), value=value)
-    assert producer.flush(30) == 0
+    _publish_keyed(settings, 400)  # every partition gets scans
     # The dead member's partitions are handed over when its session times out, and read.
     assert second.wait(120) == 0, open(second.log_path).read()[-3000:]
     assert committed_all(settings), open(second.log_path).read()[-3000:]
@@ -523,12 +528,7 @@ def test_two_live_detectors_with_one_instance_id_the_fenced_one_says_why(trained
     wait_until_consuming(first)
     second = start_detector(settings, instance_id="pod-a")
     wait_until_consuming(second)
-    producer = make_producer(settings)
-    epc = "001.8805843.3842332.100006.20250701.{:09d}".format
-    for i in range(200):  # keyed: both members get scans
-        value = _scan_record(epc(i), "2025-07-10 12:00:00")
-        producer.produce(settings.topic_scans, key=epc(i).encode(), value=value)
-    assert producer.flush(30) == 0
+    _publish_keyed(settings, 200)  # both members get scans
     try:
         assert first.wait(60) == 1
         log = open(first.log_path).read()
